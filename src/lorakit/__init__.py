@@ -1,0 +1,10 @@
+"""lorakit: from a JSONL file of instruction samples to a fine-tuned, evaluated and served LLM.
+
+The Python API mirrors the CLI: one module per stage, each a function taking its config.
+
+    from lorakit.config import TrainConfig
+    from lorakit.train import train
+    train(TrainConfig(dataset="train.jsonl", output_dir="out", lora_r=16))
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,85 @@
+"""Command line: parses flags generated from the config dataclasses and calls the Python API.
+
+Heavy libraries (torch, transformers) are imported inside the stage functions, so `--help`
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .config import DemoConfig, GenerateConfig, TrainConfig, add_arguments, resolve
+from .errors import LorakitError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorakit", description="JSONL instruction samples -> a fine-tuned LLM with LoRA / QLoRA.")
+    p.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, cls: type | None, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, argument_default=argparse.SUPPRESS)
+        if cls is not None:
+            sp.add_argument("--config", metavar="YAML", help="YAML file with the same keys as the flags (flags win)")
+            add_arguments(sp, cls)
+        return sp
+
+    command("train", TrainConfig, "Train a LoRA adapter on a JSONL dataset.")
+    g = command("generate", GenerateConfig, "Answer a prompt with a base model, optionally with an adapter.")
+    g.add_argument("prompt", help="the user message")
+    command("models", None, "List the models usable offline and where they are cached.")
+    command("demo", DemoConfig, "Train the embedded default on the demo data and compare answers before and after.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = vars(parser.parse_args(argv))
+    command = args.pop("command", None)
+    if command is None:
+        parser.print_help()
+        return 2
+    config_file = args.pop("config", None)
+    try:
+        if command == "train":
+            from .train import train
+
+            train(resolve(TrainConfig, args, config_file))
+        elif command == "generate":
+            from .generate import generate
+
+            prompt = args.pop("prompt")
+            print(generate(resolve(GenerateConfig, args, config_file), prompt))
+        elif command == "models":
+            _print_models()
+        elif command == "demo":
+            from .demo import demo, demo_settings
+
+            demo(resolve(DemoConfig, args, config_file, base=demo_settings()))
+    except LorakitError as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _print_models() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .models import cached_models, lorakit_home
+
+    table = Table(title=f"Models usable offline (LORAKIT_HOME={lorakit_home()})")
+    for col in ("name", "kind", "source", "cache"):
+        table.add_column(col, overflow="fold")
+    for row in cached_models():
+        table.add_row(row["name"], row["kind"], row["path"], row["cache"])
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Every setting and its default, once.
+
+Each dataclass field is a YAML key and a CLI flag of the same name; the one-line `help` in its
+metadata is its docstring and its `--help` text. Precedence: field default < YAML (`--config`)
+< flags given on the command line. The resolved config is written as `lorakit.yaml` into every
+output directory and can be passed back with `--config` to repeat a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LorakitError
+
+# The system prompt of the guide's example (its data-format section).
+DEFAULT_SYSTEM_PROMPT = "You are an expert SNES developer."
+# The guide's seven projections: attention (q/k/v/o) and the MLP (gate/up/down).
+GUIDE_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field: its default, its one-line docstring and, for strings, its allowed values."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelArgs:
+    base_model: str = opt("", "Hub id, local HF model directory or .gguf file ('' = the embedded SmolLM2-135M-Instruct).")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub repository to run (only for ids you trust).")
+
+
+@dataclass
+class PromptArgs:
+    system_prompt: str = opt(DEFAULT_SYSTEM_PROMPT, "System message before every conversation ('' for none); a row's own system field wins.")
+
+
+@dataclass
+class TrainConfig(ModelArgs, PromptArgs):
+    dataset: str = opt("", "Training JSONL file of instruction/input/output rows ('' = the bundled demo data).")
+    output_dir: str = opt("outputs/lorakit-run", "Directory for the adapter, tokenizer, lorakit.yaml, metrics.jsonl and TensorBoard runs/.")
+    overwrite: bool = opt(False, "Replace an adapter already in output_dir instead of refusing.")
+    max_seq_length: int = opt(1024, "Longest training row in tokens; longer rows are handled by --overlength.")
+    overlength: str = opt("drop", "What to do with rows longer than max_seq_length.", choices=("drop", "truncate", "error"))
+    lora_r: int = opt(64, "LoRA rank: the inner dimension of the A (r x d_in) and B (d_out x r) matrices.")
+    lora_alpha: float = opt(128, "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r.")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA branch input (0 is ~13% faster on CPU).")
+    target_modules: list[str] = opt(GUIDE_TARGET_MODULES, "Module names to adapt, or 'all-linear' for every linear layer but the output head.")
+    batch_size: int = opt(4, "Rows per device per forward pass (micro-batch).")
+    gradient_accumulation_steps: int = opt(4, "Micro-batches per optimizer step (effective batch = batch_size x this).")
+    learning_rate: float = opt(2e-4, "Peak AdamW learning rate.")
+    num_epochs: float = opt(3.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = train for num_epochs).")
+    warmup_steps: int = opt(100, "Linear learning-rate warmup steps (capped at 10% of the run when larger than the run).")
+    weight_decay: float = opt(0.01, "AdamW weight decay.")
+    lr_scheduler_type: str = opt("cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant_with_warmup"))
+    max_grad_norm: float = opt(1.0, "Gradient clipping by global norm (0 = off).")
+    fp16: bool = opt(False, "fp16 mixed precision (CUDA GPUs only).")
+    bf16: bool = opt(False, "bf16 mixed precision (Ampere+ GPUs, or CPUs with bf16 support).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% slower.")
+    group_by_length: bool = opt(True, "Batch rows of similar length together so little compute is spent on padding.")
+    logging_steps: int = opt(5, "Log train loss, learning rate and throughput every this many optimizer steps.")
+    seed: int = opt(42, "Random seed for LoRA initialisation and data order.")
+
+
+@dataclass
+class GenerateConfig(ModelArgs, PromptArgs):
+    adapter: str = opt("", "Adapter directory written by `lorakit train` ('' = the base model alone).")
+    max_new_tokens: int = opt(256, "Most tokens to generate.")
+    temperature: float = opt(0.0, "Sampling temperature (0 = greedy decoding).")
+    top_p: float = opt(0.9, "Nucleus sampling mass (used when temperature > 0).")
+    top_k: int = opt(40, "Sample from the k most likely tokens (used when temperature > 0).")
+
+
+@dataclass
+class DemoConfig(TrainConfig):
+    eval_dataset: str = opt("", "Held-out JSONL file scored before and after training ('' = the bundled demo test split).")
+    max_eval_rows: int = opt(40, "Score at most this many held-out rows.")
+    max_new_tokens: int = opt(24, "Most tokens generated per held-out prompt.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields -> argparse flags, YAML -> fields. Hand-written because the field is the single source
+# of the default, help and type; argparse and PyYAML each only do their half.
+
+
+def _type_of(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one `--name` flag per field of `cls`; flags not given stay absent from the namespace."""
+    for f in dataclasses.fields(cls):
+        kind = _type_of(cls, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = ",".join(default) if isinstance(default, list) else repr(default)
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {shown})"}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:
+            kwargs.update(nargs="+", metavar="NAME")
+        else:
+            kwargs["type"] = kind
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
+    """Check a YAML value against the field's type; YAML writes 2e-4 as a string, so parse numbers."""
+    kind = _type_of(cls, name)
+    bad = f"{where}: key '{name}' must be {getattr(kind, '__name__', str(kind))}, got {value!r}"
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise LorakitError(f"{bad} (write true or false)")
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise LorakitError(bad)
+        if kind is int and isinstance(value, float):
+            raise LorakitError(bad)
+        try:
+            return kind(value)
+        except ValueError:
+            raise LorakitError(bad) from None
+    if typing.get_origin(kind) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise LorakitError(f"{bad} (a list of names)")
+        return value
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise LorakitError(f"{bad} (quote it)")
+    choices = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("choices")
+    if choices and value not in choices:
+        raise LorakitError(f"{where}: key '{name}' must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def unknown_key_error(cls: type, key: str, where: str) -> LorakitError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+    return LorakitError(f"{where}: unknown key '{key}'{hint}")
+
+
+def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
+    """Read a YAML config into checked field values; errors name the file, line and key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise LorakitError(f"config file not found: {path} (check the --config path)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise LorakitError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        raise LorakitError(f"{path}:1: a config must be a mapping of key: value lines")
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key_node, value_node in root.value:
+        key, where = key_node.value, f"{path}:{key_node.start_mark.line + 1}"
+        if key not in names:
+            raise unknown_key_error(cls, key, where)
+        value = yaml.safe_load(yaml.serialize(value_node))
+        values[key] = _coerce(cls, key, value, where)
+    return values
+
+
+def resolve(cls: type, flags: dict[str, Any] | None = None, config_file: str | None = None, base: dict | None = None):
+    """defaults < base (e.g. the demo's settings) < YAML file < flags."""
+    values: dict[str, Any] = dict(base or {})
+    if config_file:
+        values.update(read_yaml(config_file, cls))
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in (flags or {}).items():
+        if key not in names:
+            raise unknown_key_error(cls, key, "argument")
+        values[key] = value
+    return cls(**values)
+
+
+def to_yaml(cfg: Any) -> str:
+    import yaml
+
+    header = "# Resolved lorakit configuration: repeat this run with `lorakit train --config lorakit.yaml`.\n"
+    return header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def write_yaml(cfg: Any, directory: str | Path, name: str = "lorakit.yaml") -> Path:
+    from .io import atomic_write_text
+
+    return atomic_write_text(Path(directory) / name, to_yaml(cfg))

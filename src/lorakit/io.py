@@ -1,0 +1,77 @@
+"""Atomic file and directory writes: a killed process never leaves a half-written output behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def staging_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `final`; on success rename it to `final`.
+
+    If `final` appeared meanwhile (another process finished first), ours is discarded. On any
+    error the temporary directory is removed, so `final` either exists complete or not at all.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def staged_files(target: str | Path, last: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary directory inside `target`; on success move its files into `target`.
+
+    For outputs that land in a directory the user already has (output_dir): each file is moved
+    by an atomic rename, so it is either the old one or the complete new one, and the files a
+    loader looks for first (e.g. adapter_config.json) are moved last. On error nothing is moved.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=target))
+    try:
+        yield tmp
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in [n for n in names if n not in last] + [n for n in last if n in names]:
+            src, dst = tmp / name, target / name
+            if src.is_dir() and dst.is_dir():
+                shutil.rmtree(dst)
+            os.replace(src, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

