@@ -7,6 +7,7 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from . import __version__
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes warns on import that an optional hub-downloaded CPU kernel is missing; the
+    # built-in CPU path it falls back to is the one lorakit uses.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = _parser()
     args = vars(parser.parse_args(argv))
     command = args.pop("command", None)

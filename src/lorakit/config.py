@@ -102,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kind = _type_of(cls, f.name)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = ",".join(default) if isinstance(default, list) else repr(default)
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {shown})"}
+        help_text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is list:

@@ -64,7 +64,7 @@ def report_table(conversations, references, before, after, s_before, s_after, sh
     for col in ("input", "reference", "base answer", "tuned answer"):
         table.add_column(col, overflow="fold")
     for c, ref, b, a in list(zip(conversations, references, before, after))[:shown]:
-        table.add_row(c[-1]["content"].split("\n\n")[-1], ref, b.text[:60], a.text[:60])
+        table.add_row(c[-1]["content"].split("\n\n")[-1], ref, _one_line(b.text), _one_line(a.text))
     console = Console()
     console.print(table)
     scores = Table(title=f"Scores on {len(references)} held-out rows")
@@ -73,3 +73,8 @@ def report_table(conversations, references, before, after, s_before, s_after, sh
     for k in s_before:
         scores.add_row(k, f"{s_before[k]:.1%}", f"{s_after[k]:.1%}", f"{s_after[k] - s_before[k]:+.1%}")
     console.print(scores)
+
+
+def _one_line(text: str, width: int = 48) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"

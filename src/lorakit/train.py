@@ -70,16 +70,17 @@ def _callbacks(out: Path):
 
 def train(cfg: TrainConfig) -> Path:
     """Train a LoRA adapter; returns the output directory holding it."""
+    out = Path(cfg.output_dir).expanduser()
+    if (out / "adapter_config.json").exists() and not cfg.overwrite:
+        raise LorakitError(f"{out} already holds an adapter: pass --overwrite or choose another --output_dir")
+    dataset = cfg.dataset or str(demo_path("train"))
+    rows = read_jsonl(dataset)  # check the data before spending time on imports and the model
+
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
-    out = Path(cfg.output_dir).expanduser()
-    if (out / "adapter_config.json").exists() and not cfg.overwrite:
-        raise LorakitError(f"{out} already holds an adapter: pass --overwrite or choose another --output_dir")
     precision = check_precision(cfg)
-    dataset = cfg.dataset or str(demo_path("train"))
-    rows = read_jsonl(dataset)  # validate the data before spending time on the model
     base = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     examples, report = encode_rows(rows, tokenizer, cfg.system_prompt, cfg.max_seq_length, cfg.overlength)

@@ -1,0 +1,86 @@
+import subprocess
+import sys
+
+import pytest
+
+from lorakit.cli import main
+from lorakit.config import TrainConfig, read_yaml, resolve, to_yaml
+from lorakit.errors import LorakitError
+
+GUIDE_FLAGS = ["--base_model", "--dataset", "--output_dir", "--lora_r", "--lora_alpha", "--lora_dropout", "--target_modules",
+               "--batch_size", "--gradient_accumulation_steps", "--learning_rate", "--num_epochs", "--warmup_steps",
+               "--weight_decay", "--fp16", "--bf16", "--gradient_checkpointing", "--max_seq_length", "--max_steps",
+               "--system_prompt", "--seed"]
+
+
+def test_train_help_lists_every_guide_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in GUIDE_FLAGS:
+        assert flag in text, flag
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from lorakit.cli import _parser; _parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_precedence_defaults_yaml_flags(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("lora_r: 8\nlearning_rate: 2e-4\nbatch_size: 2\ntarget_modules: q_proj,v_proj\n")
+    cfg = resolve(TrainConfig, {"batch_size": 16}, str(yaml_file))
+    assert cfg.lora_r == 8  # YAML over default
+    assert cfg.batch_size == 16  # flag over YAML
+    assert cfg.learning_rate == pytest.approx(2e-4) and isinstance(cfg.learning_rate, float)  # YAML reads 2e-4 as a string
+    assert cfg.target_modules == ["q_proj", "v_proj"]
+    assert cfg.lora_alpha == TrainConfig().lora_alpha  # untouched default
+
+
+def test_unknown_key_names_closest_and_line(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("lora_r: 8\nlora_rank: 16\n")
+    with pytest.raises(LorakitError, match=r"run.yaml:2: unknown key 'lora_rank'; did you mean 'lora_r'"):
+        read_yaml(yaml_file, TrainConfig)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("lora_r: 1.5\n", "key 'lora_r' must be int"),
+    ("fp16: yes please\n", "key 'fp16' must be bool"),
+    ("overlength: chop\n", "must be one of drop, truncate, error"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("lora_r: [1\n", "not valid YAML"),
+])
+def test_bad_values_are_one_line_errors(tmp_path, text, match):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(text)
+    with pytest.raises(LorakitError, match=match):
+        read_yaml(yaml_file, TrainConfig)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = TrainConfig(lora_r=8, learning_rate=3e-4, target_modules=["q_proj"], system_prompt="Be brief.")
+    (tmp_path / "lorakit.yaml").write_text(to_yaml(cfg))
+    assert resolve(TrainConfig, config_file=str(tmp_path / "lorakit.yaml")) == cfg
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_unknown_key_exit_2_one_line(tmp_path):
+    (tmp_path / "run.yaml").write_text("lora_alfa: 16\n")
+    r = _cli("train", "--config", str(tmp_path / "run.yaml"), "--output_dir", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "did you mean 'lora_alpha'" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_dataset_exit_2_one_line(tmp_path):
+    r = _cli("train", "--dataset", str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "dataset file not found" in r.stderr and "nope.jsonl" in r.stderr
+    assert not (tmp_path / "out").exists()
