@@ -84,3 +84,13 @@ def test_cli_missing_dataset_exit_2_one_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0, r.stderr
     assert "dataset file not found" in r.stderr and "nope.jsonl" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_guide_example_reproduces_the_guide():
+    from pathlib import Path
+
+    cfg = resolve(TrainConfig, config_file=str(Path(__file__).parent.parent / "examples" / "guide.yaml"))
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (64, 128, 0.05)
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps, cfg.learning_rate, cfg.num_epochs) == (4, 4, 2e-4, 3)
+    assert (cfg.warmup_steps, cfg.weight_decay, cfg.fp16, cfg.gradient_checkpointing) == (100, 0.01, True, True)
+    assert cfg.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
