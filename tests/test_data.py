@@ -1,12 +1,8 @@
-import json
-
 import pytest
 import torch
 
-from lorakit.data import IGNORE_INDEX, ChatFormat, Collator, encode_rows, read_jsonl, row_to_messages
+from lorakit.data import IGNORE_INDEX, ChatFormat, Collator, encode_rows, row_to_messages
 from lorakit.errors import LorakitError
-
-from .conftest import write_jsonl
 
 ROW = {"instruction": "Assemble this.", "input": "LDA #$12", "output": "A9 12"}
 
@@ -116,27 +112,6 @@ def test_overlength_drop_truncate_error(smol_tokenizer):
     assert len(kept) == 1 and report.dropped_overlength == ["f:2"]
     with pytest.raises(LorakitError, match="f:2: .* > max_seq_length 64"):
         encode_rows(rows, smol_tokenizer, "sys", 64, "error")
-
-
-@pytest.mark.parametrize("line,match", [
-    ("{not json", r"bad.jsonl:2: invalid JSON"),
-    ("[1, 2]", r"bad.jsonl:2: a row must be a JSON object"),
-    (json.dumps({"instruction": "x", "input": ""}), r"bad.jsonl:2: missing key 'output'"),
-    (json.dumps({"instruction": "x", "output": 5}), r"bad.jsonl:2: key 'output' must be a string"),
-    (json.dumps({"instruction": "x", "output": "  "}), r"bad.jsonl:2: no non-empty assistant answer"),
-    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), r"bad.jsonl:2: messages\[0\]"),
-])
-def test_bad_rows_name_file_and_line(tmp_path, smol_tokenizer, line, match):
-    path = write_jsonl(tmp_path / "bad.jsonl", [ROW, line])
-    with pytest.raises(LorakitError, match=match):
-        encode_rows(read_jsonl(path), smol_tokenizer, "sys", 512)
-
-
-def test_non_utf8_names_line(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_bytes(json.dumps(ROW).encode() + b"\n" + b'{"instruction": "\xff"}\n')
-    with pytest.raises(LorakitError, match=r"bad.jsonl:2: not UTF-8"):
-        read_jsonl(path)
 
 
 def test_collator_dtypes(smol_tokenizer):

@@ -11,7 +11,15 @@ import logging
 import sys
 
 from . import __version__
-from .config import DemoConfig, GenerateConfig, TrainConfig, add_arguments, resolve
+from .config import (
+    DataCheckConfig,
+    DataConvertConfig,
+    DemoConfig,
+    GenerateConfig,
+    TrainConfig,
+    add_arguments,
+    resolve,
+)
 from .errors import LorakitError
 
 
@@ -31,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     g = command("generate", GenerateConfig, "Answer a prompt with a base model, optionally with an adapter.")
     g.add_argument("prompt", help="the user message")
     command("models", None, "List the models usable offline and where they are cached.")
+    data = sub.add_parser("data", help="Check or convert a dataset.", description="Check or convert a dataset.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    for name, cls, text in (("check", DataCheckConfig, "Validate and tokenize a dataset as training would; report what it found."),
+                            ("convert", DataConvertConfig, "Write any accepted format as normalised messages-JSONL.")):
+        sp = data_sub.add_parser(name, help=text, description=text, argument_default=argparse.SUPPRESS)
+        sp.add_argument("dataset_path", nargs="?", metavar="DATASET", help="same as --dataset")
+        sp.add_argument("--config", metavar="YAML", help="YAML file with the same keys as the flags (flags win)")
+        add_arguments(sp, cls)
     command("demo", DemoConfig, "Train the embedded default on the demo data and compare answers before and after.")
     return p
 
@@ -56,6 +72,17 @@ def main(argv: list[str] | None = None) -> int:
 
             prompt = args.pop("prompt")
             print(generate(resolve(GenerateConfig, args, config_file), prompt))
+        elif command == "data":
+            from .doctor import check, convert
+
+            action = args.pop("data_command")
+            if args.get("dataset_path"):
+                args["dataset"] = args.pop("dataset_path")
+            args.pop("dataset_path", None)
+            if action == "check":
+                check(resolve(DataCheckConfig, args, config_file))
+            else:
+                convert(resolve(DataConvertConfig, args, config_file))
         elif command == "models":
             _print_models()
         elif command == "demo":

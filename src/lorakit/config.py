@@ -44,12 +44,24 @@ class PromptArgs:
 
 
 @dataclass
-class TrainConfig(ModelArgs, PromptArgs):
-    dataset: str = opt("", "Training JSONL file of instruction/input/output rows ('' = the bundled demo data).")
-    output_dir: str = opt("outputs/lorakit-run", "Directory for the adapter, tokenizer, lorakit.yaml, metrics.jsonl and TensorBoard runs/.")
-    overwrite: bool = opt(False, "Replace an adapter already in output_dir instead of refusing.")
+class DataArgs:
+    dataset: str = opt("", "JSONL/JSON file, directory, glob or HF datasets id ('' = the bundled demo data).")
+    dataset_format: str = opt("auto", "Row format; auto detects it from each row's keys.",
+                              choices=("auto", "alpaca", "chat", "sharegpt", "completion", "text"))
     max_seq_length: int = opt(1024, "Longest training row in tokens; longer rows are handled by --overlength.")
     overlength: str = opt("drop", "What to do with rows longer than max_seq_length.", choices=("drop", "truncate", "error"))
+    train_on: str = opt("all_assistant", "Which assistant turns of a multi-turn conversation carry the loss.",
+                        choices=("all_assistant", "last_assistant"))
+    skip_bad_rows: bool = opt(False, "Skip (and list) invalid rows instead of failing on the first one.")
+    val_size: float = opt(0.0, "Validation split taken from the data: a fraction (< 1) or a row count (>= 1); 0 = none.")
+    val_dataset: str = opt("", "Separate validation data (same forms as --dataset); overrides val_size.")
+    seed: int = opt(42, "Random seed for the validation split, the data order and LoRA initialisation.")
+
+
+@dataclass
+class TrainConfig(ModelArgs, DataArgs, PromptArgs):
+    output_dir: str = opt("outputs/lorakit-run", "Directory for the adapter, tokenizer, lorakit.yaml, metrics.jsonl and TensorBoard runs/.")
+    overwrite: bool = opt(False, "Replace an adapter already in output_dir instead of refusing.")
     lora_r: int = opt(64, "LoRA rank: the inner dimension of the A (r x d_in) and B (d_out x r) matrices.")
     lora_alpha: float = opt(128, "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r.")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA branch input (0 is ~13% faster on CPU).")
@@ -67,8 +79,20 @@ class TrainConfig(ModelArgs, PromptArgs):
     bf16: bool = opt(False, "bf16 mixed precision (Ampere+ GPUs, or CPUs with bf16 support).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% slower.")
     group_by_length: bool = opt(True, "Batch rows of similar length together so little compute is spent on padding.")
+    eval_steps: int = opt(0, "With validation data: evaluate its loss every this many steps (0 = at each epoch's end).")
     logging_steps: int = opt(5, "Log train loss, learning rate and throughput every this many optimizer steps.")
-    seed: int = opt(42, "Random seed for LoRA initialisation and data order.")
+
+
+@dataclass
+class DataCheckConfig(ModelArgs, DataArgs, PromptArgs):
+    preview: int = opt(3, "Rendered rows to show with their supervised tokens highlighted.")
+    plot: str = opt("", "Write a PNG histogram of token lengths to this path.")
+    output: str = opt("", "Write the full report as JSON to this path.")
+
+
+@dataclass
+class DataConvertConfig(DataArgs, PromptArgs):
+    output: str = opt("", "Normalised messages-JSONL to write (required).")
 
 
 @dataclass

@@ -38,81 +38,303 @@ def demo_path(split: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading rows
+# Reading rows: files, directories, globs and HF datasets
 
 
-def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
-    """Rows of a JSONL file as (\"file:line\", object); every problem is an error naming file:line."""
+def resolve_sources(spec: str) -> list[Path] | str:
+    """The files a --dataset value names, or the spec itself when it is a HF datasets id."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json") and p.is_file())
+        if files:
+            return files
+        if any(p.suffix in (".parquet", ".csv", ".arrow") for p in path.rglob("*")) or (path / "dataset_info.json").exists():
+            return str(path)  # a datasets folder (parquet/csv/arrow): loaded through `datasets`
+        raise LorakitError(f"dataset directory {path} has no .jsonl/.json (or parquet/csv) files")
+    if any(c in spec for c in "*?["):
+        files = sorted(p for p in Path().glob(spec) if p.is_file()) if not path.is_absolute() else sorted(
+            p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file())
+        if not files:
+            raise LorakitError(f"dataset glob {spec} matches no files")
+        return files
+    if path.suffix in (".jsonl", ".json") or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise LorakitError(f"dataset file not found: {path} (check --dataset)")
+    return spec
+
+
+def read_jsonl(path: str | Path, keep_errors: bool = False) -> list[tuple[str, Any]]:
+    """Rows of a JSONL (or JSON array) file as ("file:line", object); problems name file:line.
+
+    With keep_errors, a line that is not a JSON object becomes ("file:line", LorakitError) so
+    that --skip_bad_rows can list it; otherwise it raises.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise LorakitError(f"dataset file not found: {path} (check --dataset)")
-    rows: list[tuple[str, dict]] = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise LorakitError(f"{where}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LorakitError(f"{where}: invalid JSON at column {e.colno} ({e.msg}); one JSON object per line") from None
-            if not isinstance(obj, dict):
-                raise LorakitError(f"{where}: a row must be a JSON object, got {type(obj).__name__}")
-            rows.append((where, obj))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise LorakitError(f"{path}:{line}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return _read_json_array(path, text)
+    rows: list[tuple[str, Any]] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        where = f"{path}:{n}"
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            obj = LorakitError(f"{where}: invalid JSON at column {e.colno} ({e.msg}); one JSON object per line")
+        if not isinstance(obj, (dict, LorakitError)):
+            obj = LorakitError(f"{where}: a row must be a JSON object, got {type(obj).__name__}")
+        if isinstance(obj, LorakitError) and not keep_errors:
+            raise obj
+        rows.append((where, obj))
     if not rows:
         raise LorakitError(f"{path}: no rows (expected one JSON object per line)")
     return rows
 
 
-def _text(row: dict, key: str, where: str, *, required: bool = True) -> str:
+def _read_json_array(path: Path, text: str) -> list[tuple[str, dict]]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LorakitError(f"{path}:{e.lineno}: invalid JSON at column {e.colno} ({e.msg})") from None
+    rows = []
+    for k, obj in enumerate(items):
+        if not isinstance(obj, dict):
+            raise LorakitError(f"{path}[{k}]: a row must be a JSON object, got {type(obj).__name__}")
+        rows.append((f"{path}[{k}]", obj))
+    if not rows:
+        raise LorakitError(f"{path}: empty JSON array")
+    return rows
+
+
+def _read_hf(spec: str) -> list[tuple[str, dict]]:
+    """A HF datasets id or path, loaded through `datasets` (train split)."""
+    try:
+        import datasets
+    except ImportError:
+        raise LorakitError(f"--dataset {spec}: not a file; install `datasets` to load hub datasets") from None
+    name, _, split = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # datasets raises many types (offline, missing, bad split)
+        raise LorakitError(f"--dataset {spec}: not a local file and `datasets` cannot load it ({str(e).splitlines()[0][:200]})") from None
+    return [(f"{name}[{split or 'train'}]:{k}", dict(row)) for k, row in enumerate(ds)]
+
+
+def load_rows(spec: str, keep_errors: bool = False) -> list[tuple[str, Any]]:
+    sources = resolve_sources(spec)
+    if isinstance(sources, str):
+        return _read_hf(sources)
+    return [row for f in sources for row in read_jsonl(f, keep_errors)]
+
+
+# --------------------------------------------------------------------------------------------
+# Formats -> messages
+
+FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+FORMAT_KEYS = {"alpaca": "instruction/input/output", "chat": "messages", "sharegpt": "conversations",
+               "completion": "prompt/completion", "text": "text"}
+
+
+def detect_format(row: dict) -> str | None:
+    """mlx-lm's rule: the keys of a row say its format."""
+    if "messages" in row:
+        return "chat"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row or "output" in row:
+        return "alpaca"
+    if "prompt" in row or "completion" in row:
+        return "completion"
+    if "text" in row:
+        return "text"
+    return None
+
+
+@dataclass
+class Sample:
+    """A validated row: chat messages, or raw text for continued pre-training."""
+
+    where: str
+    format: str
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+
+    def key(self) -> str:
+        return json.dumps(self.messages if self.messages is not None else self.text, sort_keys=True, ensure_ascii=False)
+
+
+def _text(row: dict, key: str, where: str, *, required: bool = True, nonempty: bool = False) -> str:
     value = row.get(key)
     if value is None:
         if required:
-            raise LorakitError(f"{where}: missing key '{key}' (an instruction row needs instruction, output and optionally input)")
+            raise LorakitError(f"{where}: missing key '{key}'")
         return ""
     if not isinstance(value, str):
         raise LorakitError(f"{where}: key '{key}' must be a string, got {type(value).__name__}")
+    if nonempty and not value.strip():
+        raise LorakitError(f"{where}: key '{key}' is empty")
     return value
 
 
-def row_to_messages(row: dict, where: str, system_prompt: str) -> list[dict[str, str]]:
-    """An `instruction`/`input`/`output` row (optional `system`) or a `messages` row -> chat messages.
+def _check_messages(msgs: list[dict], where: str, key: str) -> list[dict]:
+    for i, m in enumerate(msgs):
+        if m["role"] == "system" and i != 0:
+            raise LorakitError(f"{where}: {key}[{i}]: a system message may only come first")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise LorakitError(f"{where}: {key}[{i}]: empty assistant content (nothing to learn); remove the turn or fill it")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise LorakitError(f"{where}: '{key}' has no assistant turn: nothing to learn from this row")
+    if msgs[-1]["role"] != "assistant":
+        raise LorakitError(f"{where}: '{key}' ends with a {msgs[-1]['role']} turn; the last turn must be the assistant's")
+    return msgs
 
-    The user turn is the instruction, a blank line and the input (the guide's format); with an
-    empty input it is the instruction alone, with no trailing blank line.
+
+def _chat(row: dict, where: str) -> list[dict]:
+    msgs = row["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise LorakitError(f"{where}: key 'messages' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise LorakitError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise LorakitError(f"{where}: messages[{i}]: unknown role {m.get('role')!r} (use system, user or assistant)")
+        if not isinstance(m.get("content"), str):
+            raise LorakitError(f"{where}: messages[{i}]: 'content' must be a string, got {type(m.get('content')).__name__}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return _check_messages(out, where, "messages")
+
+
+def _sharegpt(row: dict, where: str) -> list[dict]:
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise LorakitError(f"{where}: key 'conversations' must be a non-empty list of {{from, value}} objects")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise LorakitError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
+        if t.get("from") not in SHAREGPT_ROLES:
+            raise LorakitError(f"{where}: conversations[{i}]: unknown 'from' {t.get('from')!r} (use system, human or gpt)")
+        if not isinstance(t.get("value"), str):
+            raise LorakitError(f"{where}: conversations[{i}]: 'value' must be a string")
+        out.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    return _check_messages(out, where, "conversations")
+
+
+def _alpaca(row: dict, where: str) -> list[dict]:
+    """The guide's format: user = instruction, a blank line, input (the instruction alone if input is empty)."""
+    instruction = _text(row, "instruction", where, nonempty=True)
+    extra = _text(row, "input", where, required=False)
+    output = _text(row, "output", where)
+    if not output.strip():
+        raise LorakitError(f"{where}: key 'output' is empty: no non-empty assistant answer to learn")
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _completion(row: dict, where: str) -> list[dict]:
+    prompt = _text(row, "prompt", where, nonempty=True)
+    completion = _text(row, "completion", where)
+    if not completion.strip():
+        raise LorakitError(f"{where}: key 'completion' is empty: no non-empty assistant answer to learn")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+
+
+def to_sample(row: dict, fmt: str, where: str, system_prompt: str) -> Sample:
+    if fmt == "text":
+        return Sample(where, fmt, text=_text(row, "text", where, nonempty=True))
+    msgs = {"alpaca": _alpaca, "chat": _chat, "sharegpt": _sharegpt, "completion": _completion}[fmt](row, where)
+    system = _text(row, "system", where, required=False) if fmt in ("alpaca", "completion") else ""
+    system = system or system_prompt
+    if system and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": system}] + msgs
+    return Sample(where, fmt, messages=msgs)
+
+
+def row_to_messages(row: dict, where: str, system_prompt: str) -> list[dict[str, str]]:
+    """Any chat-shaped row -> messages (the system prompt added unless the row has its own)."""
+    fmt = detect_format(row)
+    if fmt is None or fmt == "text":
+        raise LorakitError(f"{where}: not a conversation row (keys: {', '.join(sorted(row)) or 'none'})")
+    return to_sample(row, fmt, where, system_prompt).messages
+
+
+def _file_of(where: str) -> str:
+    return where.rsplit(":", 1)[0] if ":" in where else where.split("[")[0]
+
+
+def to_samples(rows: list[tuple[str, dict]], dataset_format: str, system_prompt: str,
+               skip_bad_rows: bool = False) -> tuple[list[Sample], list[str]]:
+    """Validate and convert rows; returns (samples, skipped-row messages).
+
+    One format per file: with `auto`, the first row's keys fix it and a row of another format is
+    an error naming its line. Without skip_bad_rows, any bad row fails the whole dataset.
     """
-    if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise LorakitError(f"{where}: key 'messages' must be a non-empty list of {{role, content}} objects")
-        out = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-                raise LorakitError(f"{where}: messages[{i}] must be {{\"role\": system|user|assistant, \"content\": string}}")
-            out.append({"role": m["role"], "content": m["content"]})
-        if system_prompt and out[0]["role"] != "system":
-            out.insert(0, {"role": "system", "content": system_prompt})
-    else:
-        instruction = _text(row, "instruction", where)
-        user = instruction
-        extra = _text(row, "input", where, required=False)
-        if extra.strip():
-            user = f"{instruction}\n\n{extra}"
-        output = _text(row, "output", where)
-        system = _text(row, "system", where, required=False) or system_prompt
-        out = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": output},
-        ]
-        if not instruction.strip():
-            raise LorakitError(f"{where}: key 'instruction' is empty")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
-        raise LorakitError(f"{where}: no non-empty assistant answer ('output'): nothing to learn from this row")
-    return out
+    samples: list[Sample] = []
+    bad: list[str] = []
+    file_format: dict[str, tuple[str, str]] = {}
+    for where, row in rows:
+        if isinstance(row, LorakitError):  # a line that is not a JSON object (kept by read_jsonl)
+            bad.append(str(row))
+            continue
+        fmt = dataset_format if dataset_format != "auto" else detect_format(row)
+        if fmt is not None:
+            first = file_format.setdefault(_file_of(where), (fmt, where))
+            if fmt != first[0]:  # never skippable: a mixed file is a wrong file
+                raise LorakitError(f"{where}: {fmt} row in a file of {first[0]} rows (first at {first[1]}); "
+                                   "one format per file, or --dataset_format to force one")
+        try:
+            if fmt is None:
+                raise LorakitError(f"{where}: cannot tell the row's format from its keys ({', '.join(sorted(row)) or 'none'}); "
+                                   f"use one of: {'; '.join(FORMAT_KEYS.values())}")
+            samples.append(to_sample(row, fmt, where, system_prompt))
+        except LorakitError as e:
+            bad.append(str(e))
+    if bad and not skip_bad_rows:
+        more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
+        raise LorakitError(f"{bad[0]}{more}; fix it, or pass --skip_bad_rows to skip bad rows")
+    if not samples:
+        raise LorakitError(f"no valid rows: all {len(rows)} rows are bad (first: {bad[0]})")
+    return samples, bad
+
+
+def dedupe(samples: list[Sample]) -> tuple[list[Sample], list[str]]:
+    """Drop exact duplicates (same messages or text), keeping the first; returns the dropped rows."""
+    seen: set[str] = set()
+    kept, dropped = [], []
+    for s in samples:
+        k = s.key()
+        if k in seen:
+            dropped.append(s.where)
+        else:
+            seen.add(k)
+            kept.append(s)
+    return kept, dropped
+
+
+def split_validation(samples: list[Sample], val_size: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic split under the seed; duplicates were removed first, so none cross it."""
+    import random
+
+    if val_size <= 0:
+        return samples, []
+    n = int(val_size) if val_size >= 1 else max(1, round(len(samples) * val_size))
+    if n >= len(samples):
+        raise LorakitError(f"--val_size {val_size:g} leaves no training rows ({len(samples)} rows after de-duplication)")
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n])
+    return [s for i, s in enumerate(samples) if i not in val_idx], [s for i, s in enumerate(samples) if i in val_idx]
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +357,7 @@ class ChatFormat:
         self.special_ids = set(tokenizer.all_special_ids) | {
             i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
         }
+        self.special_texts = sorted({tokenizer.convert_ids_to_tokens(i) for i in self.special_ids}, key=len, reverse=True)
         self.end_of_turn_id = self._probe_end_of_turn()
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -178,8 +401,27 @@ class ChatFormat:
             return self.prefix_ids + ids
         return ids
 
-    def encode_conversation(self, messages: list[dict]) -> tuple[list[int], list[int], bool]:
-        """(input_ids, labels, boundary_merge) for a conversation; loss on every assistant turn."""
+    def check_content(self, messages: list[dict]) -> None:
+        """Special-token text inside a message would be parsed as the token itself (an early
+        end of turn, a fake header): refuse it instead of training on a broken conversation."""
+        for i, m in enumerate(messages):
+            hit = next((t for t in self.special_texts if t and t in m["content"]), None)
+            if hit:
+                raise LorakitError(f"message {i} ({m['role']}) contains the special token text {hit!r}; remove or escape it")
+
+    def encode_text(self, text: str) -> tuple[list[int], list[int]]:
+        """Raw text (continued pre-training): loss on every token, EOS appended."""
+        ids = self._encode(text)
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        ids = self._with_prefix(ids + eos)
+        n_prefix = len(ids) - len(self._encode(text)) - len(eos)
+        return ids, [IGNORE_INDEX] * n_prefix + ids[n_prefix:]
+
+    def encode_conversation(self, messages: list[dict], last_only: bool = False) -> tuple[list[int], list[int], bool]:
+        """(input_ids, labels, boundary_merge) for a conversation; loss on every assistant turn
+        (or only the last one)."""
+        self.check_content(messages)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         ids: list[int] = []
         labels: list[int] = []
         done = ""  # text rendered so far
@@ -198,7 +440,8 @@ class ChatFormat:
             if not any(t in self.special_ids for t in sup) and self.tokenizer.eos_token_id is not None:
                 sup = sup + [self.tokenizer.eos_token_id]  # a template with no end marker: teach EOS
             ids += before + sup + trailing
-            labels += [IGNORE_INDEX] * len(before) + sup + [IGNORE_INDEX] * len(trailing)
+            targets = sup if (i == last or not last_only) else [IGNORE_INDEX] * len(sup)
+            labels += [IGNORE_INDEX] * len(before) + targets + [IGNORE_INDEX] * len(trailing)
             done = full
         full_ids = self._encode(done)
         boundary_merge = full_ids != ids
@@ -215,16 +458,32 @@ class ChatFormat:
 class DataReport:
     rows: int = 0
     kept: int = 0
+    formats: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # bad rows (with --skip_bad_rows)
+    duplicates: list[str] = field(default_factory=list)
     dropped_overlength: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
     boundary_merges: int = 0
     tokens: int = 0
     supervised_tokens: int = 0
-    max_length: int = 0
+    lengths: list[int] = field(default_factory=list)  # token length of each kept row (before truncation)
+    val_rows: int = 0
+    val_leaks_removed: int = 0
+    chatml_fallback: bool = False
+
+    @property
+    def max_length(self) -> int:
+        return max(self.lengths, default=0)
 
     def summary(self) -> str:
         frac = self.supervised_tokens / max(self.tokens, 1)
-        s = (f"{self.kept}/{self.rows} rows, {self.tokens} tokens ({frac:.0%} supervised), longest {self.max_length}")
+        s = f"{self.kept}/{self.rows} rows, {self.tokens} tokens ({frac:.0%} supervised), longest {self.max_length}"
+        if self.val_rows:
+            s += f", {self.val_rows} validation rows"
+        if self.duplicates:
+            s += f"; dropped {len(self.duplicates)} exact duplicates (first: {self.duplicates[0]})"
+        if self.skipped:
+            s += f"; skipped {len(self.skipped)} bad rows"
         if self.dropped_overlength:
             s += f"; dropped {len(self.dropped_overlength)} over max_seq_length (first: {self.dropped_overlength[0]})"
         if self.truncated:
@@ -232,29 +491,93 @@ class DataReport:
         return s
 
 
-def encode_rows(rows: list[tuple[str, dict]], tokenizer, system_prompt: str, max_seq_length: int,
-                overlength: str = "drop", chat: ChatFormat | None = None) -> tuple[list[dict[str, Any]], DataReport]:
-    chat = chat or ChatFormat(tokenizer)
-    report = DataReport(rows=len(rows))
+def encode_samples(samples: list[Sample], chat: ChatFormat, max_seq_length: int, overlength: str = "drop",
+                   train_on: str = "all_assistant", report: DataReport | None = None,
+                   skip_bad_rows: bool = False) -> list[dict[str, Any]]:
+    """Token ids and labels per sample, with the length policy applied and counted in `report`."""
+    report = report if report is not None else DataReport(rows=len(samples))
     examples: list[dict[str, Any]] = []
-    for where, row in rows:
-        ids, labels, merged = chat.encode_conversation(row_to_messages(row, where, system_prompt))
-        report.boundary_merges += merged
+    for s in samples:
+        try:
+            if s.text is not None:
+                ids, labels = chat.encode_text(s.text)
+            else:
+                ids, labels, merged = chat.encode_conversation(s.messages, last_only=train_on == "last_assistant")
+                report.boundary_merges += merged
+            if all(label == IGNORE_INDEX for label in labels):
+                raise LorakitError("no supervised token after rendering (the template dropped the answer)")
+        except LorakitError as e:
+            msg = str(e) if str(e).startswith(s.where) else f"{s.where}: {e}"
+            if not skip_bad_rows:
+                raise LorakitError(msg) from None
+            report.skipped.append(msg)
+            continue
         if len(ids) > max_seq_length:
             if overlength == "error":
-                raise LorakitError(f"{where}: {len(ids)} tokens > max_seq_length {max_seq_length}; raise --max_seq_length or use --overlength drop|truncate")
+                raise LorakitError(f"{s.where}: {len(ids)} tokens > max_seq_length {max_seq_length}; "
+                                   "raise --max_seq_length or use --overlength drop|truncate")
             if overlength == "drop":
-                report.dropped_overlength.append(where)
+                report.dropped_overlength.append(s.where)
                 continue
+            report.lengths.append(len(ids))
             ids, labels = ids[:max_seq_length], labels[:max_seq_length]
             if all(label == IGNORE_INDEX for label in labels):
-                report.dropped_overlength.append(where)  # truncation would cut the whole answer
+                report.lengths.pop()
+                report.dropped_overlength.append(s.where)  # truncation would cut the whole answer
                 continue
-            report.truncated.append(where)
-        examples.append({"input_ids": ids, "labels": labels, "source": where})
+            report.truncated.append(s.where)
+        else:
+            report.lengths.append(len(ids))
+        examples.append({"input_ids": ids, "labels": labels, "source": s.where})
         report.tokens += len(ids)
         report.supervised_tokens += sum(label != IGNORE_INDEX for label in labels)
-        report.max_length = max(report.max_length, len(ids))
+    return examples
+
+
+def load_samples(cfg) -> tuple[list[Sample], list[Sample], DataReport]:
+    """Read, validate, de-duplicate and split the data of a config with DataArgs and PromptArgs."""
+    from collections import Counter
+
+    rows = load_rows(cfg.dataset or str(demo_path("train")), cfg.skip_bad_rows)
+    report = DataReport(rows=len(rows))
+    samples, report.skipped = to_samples(rows, cfg.dataset_format, cfg.system_prompt, cfg.skip_bad_rows)
+    samples, report.duplicates = dedupe(samples)
+    report.formats = dict(Counter(s.format for s in samples))
+    if cfg.val_dataset:
+        val, skipped = to_samples(load_rows(cfg.val_dataset, cfg.skip_bad_rows), cfg.dataset_format, cfg.system_prompt, cfg.skip_bad_rows)
+        report.skipped += skipped
+        val, _ = dedupe(val)
+        train_keys = {s.key() for s in samples}
+        report.val_leaks_removed = sum(s.key() in train_keys for s in val)
+        val = [s for s in val if s.key() not in train_keys]  # a validation row seen in training measures nothing
+    else:
+        samples, val = split_validation(samples, cfg.val_size, cfg.seed)
+    return samples, val, report
+
+
+def prepare_data(cfg, tokenizer) -> tuple[list[dict], list[dict], DataReport]:
+    """(train examples, validation examples, report) for a config with DataArgs and PromptArgs."""
+    train_samples, val_samples, report = load_samples(cfg)
+    chat = ChatFormat(tokenizer)
+    report.chatml_fallback = chat.fallback
+    kw = {"max_seq_length": cfg.max_seq_length, "overlength": cfg.overlength, "train_on": cfg.train_on,
+          "skip_bad_rows": cfg.skip_bad_rows}
+    train = encode_samples(train_samples, chat, report=report, **kw)
+    val_report = DataReport()
+    val = encode_samples(val_samples, chat, report=val_report, **kw)
+    report.skipped += val_report.skipped
+    report.kept, report.val_rows = len(train), len(val)
+    if not train:
+        raise LorakitError(f"no trainable rows left of {report.rows}: {report.summary()} (raise --max_seq_length?)")
+    return train, val, report
+
+
+def encode_rows(rows: list[tuple[str, dict]], tokenizer, system_prompt: str, max_seq_length: int,
+                overlength: str = "drop", chat: ChatFormat | None = None) -> tuple[list[dict[str, Any]], DataReport]:
+    """Encode rows of any format (no de-duplication or split): a shortcut for tests and tools."""
+    samples, _ = to_samples(rows, "auto", system_prompt)
+    report = DataReport(rows=len(rows))
+    examples = encode_samples(samples, chat or ChatFormat(tokenizer), max_seq_length, overlength, report=report)
     report.kept = len(examples)
     if not examples:
         raise LorakitError(f"no trainable rows left: all {report.rows} exceed max_seq_length {max_seq_length} (raise --max_seq_length)")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .config import TrainConfig, write_yaml
-from .data import Collator, demo_path, encode_rows, read_jsonl
+from .data import Collator, prepare_data
 from .errors import LorakitError
 from .io import staged_files
 from .models import load_model, load_tokenizer, resolve_base_model
@@ -59,6 +59,8 @@ def _callbacks(out: Path):
                 return
             now, seen = time.perf_counter(), state.num_input_tokens_seen
             row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
+            if "eval_loss" in logs:
+                row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             if "loss" in logs and now > self.last[0]:
                 row["tokens_per_second"] = round((seen - self.last[1]) / (now - self.last[0]), 1)
                 self.last = (now, seen)
@@ -73,8 +75,9 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir).expanduser()
     if (out / "adapter_config.json").exists() and not cfg.overwrite:
         raise LorakitError(f"{out} already holds an adapter: pass --overwrite or choose another --output_dir")
-    dataset = cfg.dataset or str(demo_path("train"))
-    rows = read_jsonl(dataset)  # check the data before spending time on imports and the model
+    from .data import load_samples
+
+    load_samples(cfg)  # check the data (fast, no tokenizer) before spending time on imports and the model
 
     import torch
     from peft import LoraConfig, get_peft_model
@@ -83,8 +86,8 @@ def train(cfg: TrainConfig) -> Path:
     precision = check_precision(cfg)
     base = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-    examples, report = encode_rows(rows, tokenizer, cfg.system_prompt, cfg.max_seq_length, cfg.overlength)
-    print(f"lorakit: data {dataset}: {report.summary()}", flush=True)
+    examples, val_examples, report = prepare_data(cfg, tokenizer)
+    print(f"lorakit: data {cfg.dataset or 'demo'}: {report.summary()}", flush=True)
 
     set_seed(cfg.seed)
     cuda = torch.cuda.is_available()
@@ -134,6 +137,9 @@ def train(cfg: TrainConfig) -> Path:
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         save_strategy="no",
+        eval_strategy=("steps" if cfg.eval_steps > 0 else "epoch") if val_examples else "no",
+        eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
+        per_device_eval_batch_size=cfg.batch_size,
         report_to=["tensorboard"],
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
@@ -141,10 +147,11 @@ def train(cfg: TrainConfig) -> Path:
         seed=cfg.seed,
         disable_tqdm=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=Collator(tokenizer.pad_token_id),
+    trainer = Trainer(model=model, args=args, train_dataset=examples, eval_dataset=val_examples or None, data_collator=Collator(tokenizer.pad_token_id),
                       processing_class=tokenizer, callbacks=_callbacks(out))
     result = trainer.train()
     tokens = trainer.state.num_input_tokens_seen
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     summary = {
         "summary": True,
         "train_loss": result.training_loss,
@@ -152,6 +159,7 @@ def train(cfg: TrainConfig) -> Path:
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
         "tokens_seen": tokens,
         "tokens_per_second": round(tokens / max(result.metrics.get("train_runtime", 1e-9), 1e-9), 1),
+        "eval_loss": evals[-1] if evals else None,
         "trainable_params": trainable,
         "total_params": total,
         "rows_kept": report.kept,

@@ -1,0 +1,173 @@
+"""The data doctor: `lorakit data check` (what training would see) and `lorakit data convert`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+from .config import DataCheckConfig, DataConvertConfig
+from .data import (
+    IGNORE_INDEX,
+    ChatFormat,
+    DataReport,
+    dedupe,
+    demo_path,
+    encode_samples,
+    load_rows,
+    load_samples,
+    to_samples,
+)
+from .errors import LorakitError
+from .io import atomic_write_json, atomic_write_text
+
+
+def percentile(values: list[int], q: float) -> int:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def recommend(n_rows: int, lengths: list[int]) -> dict:
+    """The guide's rules of thumb for rank and epochs by dataset size, and a max_seq_length that
+    keeps every row unless a few outliers would more than double it."""
+    if n_rows < 1000:
+        rank, epochs = "8-16", "5-10"
+    elif n_rows <= 10000:
+        rank, epochs = "32-64", "3-5"
+    else:
+        rank, epochs = "128-256", "1-3"
+    longest, p99 = max(lengths), percentile(lengths, 99)
+    target = longest if longest <= 2 * p99 else p99
+    return {"lora_r": rank, "num_epochs": epochs, "max_seq_length": int(math.ceil(target / 64) * 64)}
+
+
+def check(cfg: DataCheckConfig) -> dict:
+    """Validate and tokenize the data exactly as `train` would, and report what it found."""
+    from .models import load_tokenizer, resolve_base_model
+
+    train, val, report = load_samples(cfg)
+    tokenizer = load_tokenizer(resolve_base_model(cfg.base_model), cfg.trust_remote_code)
+    chat = ChatFormat(tokenizer)
+    report.chatml_fallback = chat.fallback
+    # Lengths of every row before the length policy, then the policy itself.
+    full = encode_samples(train + val, chat, max_seq_length=1 << 30, train_on=cfg.train_on, skip_bad_rows=cfg.skip_bad_rows,
+                          report=DataReport())
+    lengths = [len(e["input_ids"]) for e in full]
+    kept = encode_samples(train, chat, cfg.max_seq_length, cfg.overlength, cfg.train_on, report=report,
+                          skip_bad_rows=cfg.skip_bad_rows)
+    report.kept, report.val_rows = len(kept), len(val)
+    supervised = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in full)
+    result = {
+        "dataset": cfg.dataset or str(demo_path("train")),
+        "rows": report.rows,
+        "formats": report.formats,
+        "train_rows": report.kept,
+        "validation_rows": len(val),
+        "duplicates_dropped": report.duplicates,
+        "bad_rows_skipped": report.skipped,
+        "over_max_seq_length": {"max_seq_length": cfg.max_seq_length, "policy": cfg.overlength,
+                                "dropped": report.dropped_overlength, "truncated": report.truncated},
+        "tokens": sum(lengths),
+        "supervised_fraction": supervised / max(sum(lengths), 1),
+        "length_percentiles": {f"p{q}": percentile(lengths, q) for q in (50, 90, 95, 99)} | {"max": max(lengths)},
+        "boundary_merges": report.boundary_merges,
+        "chat_template": "ChatML fallback (the tokenizer has none)" if chat.fallback else "the tokenizer's own",
+        "chat_template_sha256": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()[:16],
+        "recommended": recommend(report.rows, lengths),
+        "lengths": lengths,
+    }
+    _print_check(result, full[: cfg.preview], tokenizer)
+    if cfg.plot:
+        _plot_lengths(lengths, cfg.max_seq_length, Path(cfg.plot))
+    if cfg.output:
+        atomic_write_json(cfg.output, result)
+    return result
+
+
+def _print_check(r: dict, preview: list[dict], tokenizer) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    t = Table(title=f"Data check: {r['dataset']}", show_header=False)
+    t.add_column("what")
+    t.add_column("value", overflow="fold")
+    t.add_row("rows", f"{r['rows']} ({', '.join(f'{k}: {v}' for k, v in r['formats'].items())})")
+    t.add_row("train / validation", f"{r['train_rows']} / {r['validation_rows']}")
+    t.add_row("duplicates dropped", _first(r["duplicates_dropped"]))
+    t.add_row("bad rows skipped", _first(r["bad_rows_skipped"]))
+    over = r["over_max_seq_length"]
+    t.add_row(f"over max_seq_length {over['max_seq_length']}",
+              f"dropped {_first(over['dropped'])}; truncated {_first(over['truncated'])} (--overlength {over['policy']})")
+    t.add_row("tokens", f"{r['tokens']:,} ({r['supervised_fraction']:.1%} supervised)")
+    t.add_row("length percentiles", ", ".join(f"{k} {v}" for k, v in r["length_percentiles"].items()))
+    t.add_row("chat template", f"{r['chat_template']} (sha256 {r['chat_template_sha256']})")
+    if r["boundary_merges"]:
+        t.add_row("token merges across turns", f"{r['boundary_merges']} rows (trained as inference sees them)")
+    rec = r["recommended"]
+    t.add_row("recommended", f"--max_seq_length {rec['max_seq_length']}, --lora_r {rec['lora_r']}, --num_epochs {rec['num_epochs']}")
+    console.print(t)
+    console.print(_text_histogram(r["lengths"]))
+    for e in preview:
+        text = Text(f"--- {e['source']} (supervised tokens in green)\n", style="bold")
+        for tok_id, label in zip(e["input_ids"], e["labels"]):
+            text.append(tokenizer.decode([tok_id]), style="bold green" if label != IGNORE_INDEX else "dim")
+        console.print(text)
+
+
+def _first(items: list[str]) -> str:
+    return "0" if not items else f"{len(items)} (first: {items[0]})"
+
+
+def _text_histogram(lengths: list[int], bins: int = 10, width: int = 40) -> str:
+    lo, hi = min(lengths), max(lengths)
+    step = max(1, math.ceil((hi - lo + 1) / bins))
+    bins = math.ceil((hi - lo + 1) / step)
+    counts = [0] * bins
+    for n in lengths:
+        counts[min((n - lo) // step, bins - 1)] += 1
+    top = max(counts)
+    lines = ["token lengths:"]
+    for k, c in enumerate(counts):
+        a = lo + k * step
+        lines.append(f"  {a:>6}-{a + step - 1:<6} {'#' * max(1 if c else 0, round(width * c / top)):<{width}} {c}")
+    return "\n".join(lines)
+
+
+def _plot_lengths(lengths: list[int], max_seq_length: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(lengths, bins=min(50, max(5, len(set(lengths)))), color="#4477aa")
+    ax.axvline(max_seq_length, color="#cc3311", linestyle="--", label=f"max_seq_length {max_seq_length}")
+    ax.set_xlabel("tokens per row")
+    ax.set_ylabel("rows")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def convert(cfg: DataConvertConfig) -> Path:
+    """Write the data as normalised messages-JSONL ({"messages": [...]}, or {"text": ...} rows)."""
+    if not cfg.output:
+        raise LorakitError("data convert needs --output FILE.jsonl")
+    rows = load_rows(cfg.dataset or str(demo_path("train")), cfg.skip_bad_rows)
+    samples, skipped = to_samples(rows, cfg.dataset_format, cfg.system_prompt, cfg.skip_bad_rows)
+    samples, duplicates = dedupe(samples)
+    lines = [json.dumps({"messages": s.messages} if s.messages is not None else {"text": s.text}, ensure_ascii=False)
+             for s in samples]
+    out = atomic_write_text(cfg.output, "\n".join(lines) + "\n")
+    print(f"lorakit: wrote {len(samples)} rows to {out} ({len(duplicates)} duplicates dropped, {len(skipped)} bad rows skipped)")
+    for msg in skipped:
+        print(f"  skipped {msg}")
+    return out
