@@ -9,12 +9,51 @@ import json
 import random
 from pathlib import Path
 
-IMMEDIATE = {"LDA": "A9", "LDX": "A2", "LDY": "A0", "ADC": "69", "SBC": "E9", "CMP": "C9", "AND": "29",
-             "ORA": "09", "EOR": "49", "CPX": "E0", "CPY": "C0"}
-DIRECT = {"LDA": "A5", "STA": "85", "LDX": "A6", "STX": "86", "LDY": "A4", "STY": "84", "INC": "E6", "DEC": "C6"}
-IMPLIED = {"INX": "E8", "INY": "C8", "DEX": "CA", "DEY": "88", "NOP": "EA", "RTS": "60", "RTL": "6B", "CLC": "18",
-           "SEC": "38", "PHA": "48", "PLA": "68", "XBA": "EB", "TAX": "AA", "TXA": "8A", "TAY": "A8", "TYA": "98",
-           "SEI": "78", "CLI": "58", "PHP": "08", "PLP": "28"}
+IMMEDIATE = {
+    "LDA": "A9",
+    "LDX": "A2",
+    "LDY": "A0",
+    "ADC": "69",
+    "SBC": "E9",
+    "CMP": "C9",
+    "AND": "29",
+    "ORA": "09",
+    "EOR": "49",
+    "CPX": "E0",
+    "CPY": "C0",
+}
+DIRECT = {
+    "LDA": "A5",
+    "STA": "85",
+    "LDX": "A6",
+    "STX": "86",
+    "LDY": "A4",
+    "STY": "84",
+    "INC": "E6",
+    "DEC": "C6",
+}
+IMPLIED = {
+    "INX": "E8",
+    "INY": "C8",
+    "DEX": "CA",
+    "DEY": "88",
+    "NOP": "EA",
+    "RTS": "60",
+    "RTL": "6B",
+    "CLC": "18",
+    "SEC": "38",
+    "PHA": "48",
+    "PLA": "68",
+    "XBA": "EB",
+    "TAX": "AA",
+    "TXA": "8A",
+    "TAY": "A8",
+    "TYA": "98",
+    "SEI": "78",
+    "CLI": "58",
+    "PHP": "08",
+    "PLP": "28",
+}
 INSTRUCTIONS = [
     "Assemble this 65816 instruction into machine code. Answer with the hex bytes only.",
     "Give the machine-code bytes (hex) for this SNES 65816 instruction.",

@@ -41,10 +41,19 @@ def _save_tiny(path: Path, config, tokenizer) -> Path:
 def tiny_llama(tmp_path_factory, smol_tokenizer) -> Path:
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id,
-                      pad_token_id=smol_tokenizer.pad_token_id, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(smol_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=smol_tokenizer.bos_token_id,
+        eos_token_id=smol_tokenizer.eos_token_id,
+        pad_token_id=smol_tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), cfg, smol_tokenizer)
 
 
@@ -52,21 +61,37 @@ def tiny_llama(tmp_path_factory, smol_tokenizer) -> Path:
 def tiny_qwen2(tmp_path_factory, smol_tokenizer) -> Path:
     from transformers import Qwen2Config
 
-    cfg = Qwen2Config(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=smol_tokenizer.eos_token_id, pad_token_id=smol_tokenizer.pad_token_id)
+    cfg = Qwen2Config(
+        vocab_size=len(smol_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=smol_tokenizer.eos_token_id,
+        pad_token_id=smol_tokenizer.pad_token_id,
+    )
     return _save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), cfg, smol_tokenizer)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
 @pytest.fixture
 def small_dataset(tmp_path) -> Path:
-    rows = [{"instruction": "Assemble this 65816 instruction.", "input": f"LDA #${v:02X}", "output": f"A9 {v:02X}"}
-            for v in range(0, 256, 16)]
+    rows = [
+        {
+            "instruction": "Assemble this 65816 instruction.",
+            "input": f"LDA #${v:02X}",
+            "output": f"A9 {v:02X}",
+        }
+        for v in range(0, 256, 16)
+    ]
     return write_jsonl(tmp_path / "train.jsonl", rows)
 
 
@@ -87,8 +112,9 @@ def llama3_tokenizer(smol_tokenizer):
     tok = copy.deepcopy(smol_tokenizer)
     tok.bos_token, tok.eos_token = "<repo_name>", "<file_sep>"
     bos = tok.convert_tokens_to_ids("<repo_name>")
-    tok._tokenizer.post_processor = TemplateProcessing(single="<repo_name> $A", pair="<repo_name> $A <repo_name> $B",
-                                                       special_tokens=[("<repo_name>", bos)])
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<repo_name> $A", pair="<repo_name> $A <repo_name> $B", special_tokens=[("<repo_name>", bos)]
+    )
     tok.chat_template = LLAMA3_STYLE_TEMPLATE
     assert tok("a")["input_ids"][0] == bos
     return tok

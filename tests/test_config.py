@@ -7,10 +7,28 @@ from lorakit.cli import main
 from lorakit.config import TrainConfig, read_yaml, resolve, to_yaml
 from lorakit.errors import LorakitError
 
-GUIDE_FLAGS = ["--base_model", "--dataset", "--output_dir", "--lora_r", "--lora_alpha", "--lora_dropout", "--target_modules",
-               "--batch_size", "--gradient_accumulation_steps", "--learning_rate", "--num_epochs", "--warmup_steps",
-               "--weight_decay", "--fp16", "--bf16", "--gradient_checkpointing", "--max_seq_length", "--max_steps",
-               "--system_prompt", "--seed"]
+GUIDE_FLAGS = [
+    "--base_model",
+    "--dataset",
+    "--output_dir",
+    "--lora_r",
+    "--lora_alpha",
+    "--lora_dropout",
+    "--target_modules",
+    "--batch_size",
+    "--gradient_accumulation_steps",
+    "--learning_rate",
+    "--num_epochs",
+    "--warmup_steps",
+    "--weight_decay",
+    "--fp16",
+    "--bf16",
+    "--gradient_checkpointing",
+    "--max_seq_length",
+    "--max_steps",
+    "--system_prompt",
+    "--seed",
+]
 
 
 def test_train_help_lists_every_guide_flag(capsys):
@@ -22,7 +40,9 @@ def test_train_help_lists_every_guide_flag(capsys):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from lorakit.cli import _parser; _parser().format_help(); print('torch' in sys.modules)"
+    code = (
+        "import sys; from lorakit.cli import _parser; _parser().format_help(); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -33,7 +53,9 @@ def test_precedence_defaults_yaml_flags(tmp_path):
     cfg = resolve(TrainConfig, {"batch_size": 16}, str(yaml_file))
     assert cfg.lora_r == 8  # YAML over default
     assert cfg.batch_size == 16  # flag over YAML
-    assert cfg.learning_rate == pytest.approx(2e-4) and isinstance(cfg.learning_rate, float)  # YAML reads 2e-4 as a string
+    assert cfg.learning_rate == pytest.approx(2e-4) and isinstance(
+        cfg.learning_rate, float
+    )  # YAML reads 2e-4 as a string
     assert cfg.target_modules == ["q_proj", "v_proj"]
     assert cfg.lora_alpha == TrainConfig().lora_alpha  # untouched default
 
@@ -45,13 +67,16 @@ def test_unknown_key_names_closest_and_line(tmp_path):
         read_yaml(yaml_file, TrainConfig)
 
 
-@pytest.mark.parametrize("text,match", [
-    ("lora_r: 1.5\n", "key 'lora_r' must be int"),
-    ("fp16: yes please\n", "key 'fp16' must be bool"),
-    ("overlength: chop\n", "must be one of drop, truncate, error"),
-    ("- a\n- b\n", "must be a mapping"),
-    ("lora_r: [1\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("lora_r: 1.5\n", "key 'lora_r' must be int"),
+        ("fp16: yes please\n", "key 'fp16' must be bool"),
+        ("overlength: chop\n", "must be one of drop, truncate, error"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("lora_r: [1\n", "not valid YAML"),
+    ],
+)
 def test_bad_values_are_one_line_errors(tmp_path, text, match):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(text)
@@ -91,6 +116,16 @@ def test_guide_example_reproduces_the_guide():
 
     cfg = resolve(TrainConfig, config_file=str(Path(__file__).parent.parent / "examples" / "guide.yaml"))
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (64, 128, 0.05)
-    assert (cfg.batch_size, cfg.gradient_accumulation_steps, cfg.learning_rate, cfg.num_epochs) == (4, 4, 2e-4, 3)
-    assert (cfg.warmup_steps, cfg.weight_decay, cfg.fp16, cfg.gradient_checkpointing) == (100, 0.01, True, True)
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps, cfg.learning_rate, cfg.num_epochs) == (
+        4,
+        4,
+        2e-4,
+        3,
+    )
+    assert (cfg.warmup_steps, cfg.weight_decay, cfg.fp16, cfg.gradient_checkpointing) == (
+        100,
+        0.01,
+        True,
+        True,
+    )
     assert cfg.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -26,21 +26,27 @@ def test_only_assistant_and_end_of_turn_are_supervised(smol_tokenizer):
     eot = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
     k = ids.index(eot, first)
     assert labels[k] == eot
-    assert all(lab == IGNORE_INDEX for lab in labels[k + 1:])
+    assert all(lab == IGNORE_INDEX for lab in labels[k + 1 :])
 
 
 def test_training_text_matches_inference_prompt(smol_tokenizer):
     chat = ChatFormat(smol_tokenizer)
     msgs = row_to_messages(ROW, "x:1", "sys")
     ids, _, _ = chat.encode_conversation(msgs)
-    expected = smol_tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) + "A9 12<|im_end|>\n"
+    expected = (
+        smol_tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        + "A9 12<|im_end|>\n"
+    )
     assert smol_tokenizer.decode(ids) == expected
 
 
 def test_user_turn_is_instruction_blank_line_input(smol_tokenizer):
     msgs = row_to_messages(ROW, "x:1", "sys")
-    assert msgs == [{"role": "system", "content": "sys"}, {"role": "user", "content": "Assemble this.\n\nLDA #$12"},
-                    {"role": "assistant", "content": "A9 12"}]
+    assert msgs == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "Assemble this.\n\nLDA #$12"},
+        {"role": "assistant", "content": "A9 12"},
+    ]
     no_input = row_to_messages({"instruction": "Say hi.", "input": "", "output": "hi"}, "x:1", "")
     assert no_input == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]
     own_system = row_to_messages({**ROW, "system": "Row system."}, "x:1", "default")
@@ -49,7 +55,9 @@ def test_user_turn_is_instruction_blank_line_input(smol_tokenizer):
 
 def test_eos_equal_to_pad_is_still_supervised_after_collation(smol_tokenizer):
     assert smol_tokenizer.pad_token_id == smol_tokenizer.eos_token_id  # the SmolLM2 trap
-    examples, _ = encode_rows([("a:1", ROW), ("a:2", {**ROW, "output": "A9 12 A9 12 A9 12"})], smol_tokenizer, "sys", 512)
+    examples, _ = encode_rows(
+        [("a:1", ROW), ("a:2", {**ROW, "output": "A9 12 A9 12 A9 12"})], smol_tokenizer, "sys", 512
+    )
     batch = Collator(smol_tokenizer.pad_token_id)(examples)
     eos = smol_tokenizer.eos_token_id
     for row in range(2):
@@ -58,12 +66,18 @@ def test_eos_equal_to_pad_is_still_supervised_after_collation(smol_tokenizer):
     # Padding is masked by position: the short row's pad positions are -100 and attention 0.
     short = batch["attention_mask"][0].sum().item()
     assert short < batch["input_ids"].shape[1]
-    assert (batch["labels"][0, short:] == IGNORE_INDEX).all() and (batch["attention_mask"][0, short:] == 0).all()
+    assert (batch["labels"][0, short:] == IGNORE_INDEX).all() and (
+        batch["attention_mask"][0, short:] == 0
+    ).all()
 
 
 def test_mask_identical_padded_or_not(smol_tokenizer):
-    examples, _ = encode_rows([("a:1", ROW), ("a:2", {**ROW, "input": "LDA #$12 ; with a much longer comment here"})],
-                              smol_tokenizer, "sys", 512)
+    examples, _ = encode_rows(
+        [("a:1", ROW), ("a:2", {**ROW, "input": "LDA #$12 ; with a much longer comment here"})],
+        smol_tokenizer,
+        "sys",
+        512,
+    )
     batch = Collator(smol_tokenizer.pad_token_id)(examples)
     for row, ex in enumerate(examples):
         n = len(ex["input_ids"])
@@ -73,8 +87,13 @@ def test_mask_identical_padded_or_not(smol_tokenizer):
 
 def test_multi_turn_supervises_every_assistant_turn(smol_tokenizer):
     chat = ChatFormat(smol_tokenizer)
-    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    msgs = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+    ]
     ids, labels, _ = chat.encode_conversation(msgs)
     assert supervised_text(smol_tokenizer, ids, labels) == "a1<|im_end|>a2<|im_end|>"
     assert smol_tokenizer.decode(ids) == smol_tokenizer.apply_chat_template(msgs, tokenize=False)
@@ -97,7 +116,9 @@ def test_template_without_bos_gets_the_tokenizers_bos(llama3_tokenizer):
 
     tok = copy.deepcopy(llama3_tokenizer)
     tok.chat_template = tok.chat_template.replace("{{ bos_token }}", "")
-    ids, labels, _ = ChatFormat(tok).encode_conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    ids, labels, _ = ChatFormat(tok).encode_conversation(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    )
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert labels[0] == IGNORE_INDEX and len(ids) == len(labels)
 

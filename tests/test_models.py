@@ -64,7 +64,12 @@ def test_failed_conversion_leaves_no_cache(fresh_home, monkeypatch):
 
 
 def test_models_command_lists_embedded(tmp_path):
-    env = {**os.environ, "LORAKIT_HOME": str(tmp_path), "COLUMNS": "200", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    env = {
+        **os.environ,
+        "LORAKIT_HOME": str(tmp_path),
+        "COLUMNS": "200",
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+    }
     r = subprocess.run([sys.executable, "-m", "lorakit", "models"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "SmolLM2-135M-Instruct" in r.stdout and "embedded" in r.stdout

@@ -10,9 +10,22 @@ from lorakit.train import train
 
 
 def tiny_cfg(base, data, out, **kw) -> TrainConfig:
-    settings = dict(base_model=str(base), dataset=str(data), output_dir=str(out), lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                    batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-2, max_steps=4, warmup_steps=0,
-                    max_seq_length=128, logging_steps=1, seed=3)
+    settings = dict(
+        base_model=str(base),
+        dataset=str(data),
+        output_dir=str(out),
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-2,
+        max_steps=4,
+        warmup_steps=0,
+        max_seq_length=128,
+        logging_steps=1,
+        seed=3,
+    )
     settings.update(kw)
     return TrainConfig(**settings)
 
@@ -22,7 +35,10 @@ def trained(tmp_path_factory, tiny_llama):
     from .conftest import write_jsonl
 
     tmp = tmp_path_factory.mktemp("run")
-    rows = [{"instruction": "Assemble.", "input": f"LDA #${v:02X}", "output": f"A9 {v:02X}"} for v in range(0, 256, 16)]
+    rows = [
+        {"instruction": "Assemble.", "input": f"LDA #${v:02X}", "output": f"A9 {v:02X}"}
+        for v in range(0, 256, 16)
+    ]
     data = write_jsonl(tmp / "train.jsonl", rows)
     out = train(tiny_cfg(tiny_llama, data, tmp / "out"))
     return out, data
@@ -31,7 +47,13 @@ def trained(tmp_path_factory, tiny_llama):
 def test_outputs_written(trained):
     out, _ = trained
     names = {p.name for p in out.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "lorakit.yaml", "metrics.jsonl", "tokenizer.json"} <= names
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "lorakit.yaml",
+        "metrics.jsonl",
+        "tokenizer.json",
+    } <= names
     assert not any(n.endswith(".bin") for n in names)
     assert not any(n.startswith(".staging") for n in names)
     assert list((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard event file under OUTPUT/runs"
@@ -60,7 +82,9 @@ def test_lora_changes_and_base_weights_frozen(tmp_path, monkeypatch, tiny_llama,
 
     def spy(model, config, *a, **kw):
         captured["model"] = real(model, config, *a, **kw)
-        captured["lora_init"] = {n: p.detach().clone() for n, p in captured["model"].named_parameters() if "lora_" in n}
+        captured["lora_init"] = {
+            n: p.detach().clone() for n, p in captured["model"].named_parameters() if "lora_" in n
+        }
         return captured["model"]
 
     monkeypatch.setattr(peft, "get_peft_model", spy)
@@ -93,9 +117,19 @@ def test_adapter_reloads_with_plain_peft_same_logits(trained, tiny_llama):
 
 
 def test_qwen2_family_trains(tmp_path, tiny_qwen2, small_dataset):
-    out = train(tiny_cfg(tiny_qwen2, small_dataset, tmp_path / "out", max_steps=2, target_modules=["all-linear"]))
+    out = train(
+        tiny_cfg(tiny_qwen2, small_dataset, tmp_path / "out", max_steps=2, target_modules=["all-linear"])
+    )
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert {m.rsplit(".", 1)[-1] for m in cfg["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {m.rsplit(".", 1)[-1] for m in cfg["target_modules"]} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
 
 def test_existing_adapter_is_not_overwritten(trained, tiny_llama):

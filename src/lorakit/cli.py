@@ -24,14 +24,18 @@ from .errors import LorakitError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorakit", description="JSONL instruction samples -> a fine-tuned LLM with LoRA / QLoRA.")
+    p = argparse.ArgumentParser(
+        prog="lorakit", description="JSONL instruction samples -> a fine-tuned LLM with LoRA / QLoRA."
+    )
     p.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, cls: type | None, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help, argument_default=argparse.SUPPRESS)
         if cls is not None:
-            sp.add_argument("--config", metavar="YAML", help="YAML file with the same keys as the flags (flags win)")
+            sp.add_argument(
+                "--config", metavar="YAML", help="YAML file with the same keys as the flags (flags win)"
+            )
             add_arguments(sp, cls)
         return sp
 
@@ -39,15 +43,29 @@ def _parser() -> argparse.ArgumentParser:
     g = command("generate", GenerateConfig, "Answer a prompt with a base model, optionally with an adapter.")
     g.add_argument("prompt", help="the user message")
     command("models", None, "List the models usable offline and where they are cached.")
-    data = sub.add_parser("data", help="Check or convert a dataset.", description="Check or convert a dataset.")
+    data = sub.add_parser(
+        "data", help="Check or convert a dataset.", description="Check or convert a dataset."
+    )
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    for name, cls, text in (("check", DataCheckConfig, "Validate and tokenize a dataset as training would; report what it found."),
-                            ("convert", DataConvertConfig, "Write any accepted format as normalised messages-JSONL.")):
+    for name, cls, text in (
+        (
+            "check",
+            DataCheckConfig,
+            "Validate and tokenize a dataset as training would; report what it found.",
+        ),
+        ("convert", DataConvertConfig, "Write any accepted format as normalised messages-JSONL."),
+    ):
         sp = data_sub.add_parser(name, help=text, description=text, argument_default=argparse.SUPPRESS)
         sp.add_argument("dataset_path", nargs="?", metavar="DATASET", help="same as --dataset")
-        sp.add_argument("--config", metavar="YAML", help="YAML file with the same keys as the flags (flags win)")
+        sp.add_argument(
+            "--config", metavar="YAML", help="YAML file with the same keys as the flags (flags win)"
+        )
         add_arguments(sp, cls)
-    command("demo", DemoConfig, "Train the embedded default on the demo data and compare answers before and after.")
+    command(
+        "demo",
+        DemoConfig,
+        "Train the embedded default on the demo data and compare answers before and after.",
+    )
     return p
 
 

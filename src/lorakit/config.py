@@ -34,53 +34,90 @@ def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> A
 
 @dataclass
 class ModelArgs:
-    base_model: str = opt("", "Hub id, local HF model directory or .gguf file ('' = the embedded SmolLM2-135M-Instruct).")
-    trust_remote_code: bool = opt(False, "Allow model code from the hub repository to run (only for ids you trust).")
+    base_model: str = opt(
+        "", "Hub id, local HF model directory or .gguf file ('' = the embedded SmolLM2-135M-Instruct)."
+    )
+    trust_remote_code: bool = opt(
+        False, "Allow model code from the hub repository to run (only for ids you trust)."
+    )
 
 
 @dataclass
 class PromptArgs:
-    system_prompt: str = opt(DEFAULT_SYSTEM_PROMPT, "System message before every conversation ('' for none); a row's own system field wins.")
+    system_prompt: str = opt(
+        DEFAULT_SYSTEM_PROMPT,
+        "System message before every conversation ('' for none); a row's own system field wins.",
+    )
 
 
 @dataclass
 class DataArgs:
     dataset: str = opt("", "JSONL/JSON file, directory, glob or HF datasets id ('' = the bundled demo data).")
-    dataset_format: str = opt("auto", "Row format; auto detects it from each row's keys.",
-                              choices=("auto", "alpaca", "chat", "sharegpt", "completion", "text"))
-    max_seq_length: int = opt(1024, "Longest training row in tokens; longer rows are handled by --overlength.")
-    overlength: str = opt("drop", "What to do with rows longer than max_seq_length.", choices=("drop", "truncate", "error"))
-    train_on: str = opt("all_assistant", "Which assistant turns of a multi-turn conversation carry the loss.",
-                        choices=("all_assistant", "last_assistant"))
+    dataset_format: str = opt(
+        "auto",
+        "Row format; auto detects it from each row's keys.",
+        choices=("auto", "alpaca", "chat", "sharegpt", "completion", "text"),
+    )
+    max_seq_length: int = opt(
+        1024, "Longest training row in tokens; longer rows are handled by --overlength."
+    )
+    overlength: str = opt(
+        "drop", "What to do with rows longer than max_seq_length.", choices=("drop", "truncate", "error")
+    )
+    train_on: str = opt(
+        "all_assistant",
+        "Which assistant turns of a multi-turn conversation carry the loss.",
+        choices=("all_assistant", "last_assistant"),
+    )
     skip_bad_rows: bool = opt(False, "Skip (and list) invalid rows instead of failing on the first one.")
-    val_size: float = opt(0.0, "Validation split taken from the data: a fraction (< 1) or a row count (>= 1); 0 = none.")
+    val_size: float = opt(
+        0.0, "Validation split taken from the data: a fraction (< 1) or a row count (>= 1); 0 = none."
+    )
     val_dataset: str = opt("", "Separate validation data (same forms as --dataset); overrides val_size.")
     seed: int = opt(42, "Random seed for the validation split, the data order and LoRA initialisation.")
 
 
 @dataclass
 class TrainConfig(ModelArgs, DataArgs, PromptArgs):
-    output_dir: str = opt("outputs/lorakit-run", "Directory for the adapter, tokenizer, lorakit.yaml, metrics.jsonl and TensorBoard runs/.")
+    output_dir: str = opt(
+        "outputs/lorakit-run",
+        "Directory for the adapter, tokenizer, lorakit.yaml, metrics.jsonl and TensorBoard runs/.",
+    )
     overwrite: bool = opt(False, "Replace an adapter already in output_dir instead of refusing.")
     lora_r: int = opt(64, "LoRA rank: the inner dimension of the A (r x d_in) and B (d_out x r) matrices.")
     lora_alpha: float = opt(128, "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r.")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA branch input (0 is ~13% faster on CPU).")
-    target_modules: list[str] = opt(GUIDE_TARGET_MODULES, "Module names to adapt, or 'all-linear' for every linear layer but the output head.")
+    target_modules: list[str] = opt(
+        GUIDE_TARGET_MODULES,
+        "Module names to adapt, or 'all-linear' for every linear layer but the output head.",
+    )
     batch_size: int = opt(4, "Rows per device per forward pass (micro-batch).")
-    gradient_accumulation_steps: int = opt(4, "Micro-batches per optimizer step (effective batch = batch_size x this).")
+    gradient_accumulation_steps: int = opt(
+        4, "Micro-batches per optimizer step (effective batch = batch_size x this)."
+    )
     learning_rate: float = opt(2e-4, "Peak AdamW learning rate.")
     num_epochs: float = opt(3.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = train for num_epochs).")
-    warmup_steps: int = opt(100, "Linear learning-rate warmup steps (capped at 10% of the run when larger than the run).")
+    warmup_steps: int = opt(
+        100, "Linear learning-rate warmup steps (capped at 10% of the run when larger than the run)."
+    )
     weight_decay: float = opt(0.01, "AdamW weight decay.")
-    lr_scheduler_type: str = opt("cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant_with_warmup"))
+    lr_scheduler_type: str = opt(
+        "cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant_with_warmup")
+    )
     max_grad_norm: float = opt(1.0, "Gradient clipping by global norm (0 = off).")
     fp16: bool = opt(False, "fp16 mixed precision (CUDA GPUs only).")
     bf16: bool = opt(False, "bf16 mixed precision (Ampere+ GPUs, or CPUs with bf16 support).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% slower.")
-    group_by_length: bool = opt(True, "Batch rows of similar length together so little compute is spent on padding.")
-    eval_steps: int = opt(0, "With validation data: evaluate its loss every this many steps (0 = at each epoch's end).")
-    logging_steps: int = opt(5, "Log train loss, learning rate and throughput every this many optimizer steps.")
+    group_by_length: bool = opt(
+        True, "Batch rows of similar length together so little compute is spent on padding."
+    )
+    eval_steps: int = opt(
+        0, "With validation data: evaluate its loss every this many steps (0 = at each epoch's end)."
+    )
+    logging_steps: int = opt(
+        5, "Log train loss, learning rate and throughput every this many optimizer steps."
+    )
 
 
 @dataclass
@@ -106,7 +143,9 @@ class GenerateConfig(ModelArgs, PromptArgs):
 
 @dataclass
 class DemoConfig(TrainConfig):
-    eval_dataset: str = opt("", "Held-out JSONL file scored before and after training ('' = the bundled demo test split).")
+    eval_dataset: str = opt(
+        "", "Held-out JSONL file scored before and after training ('' = the bundled demo test split)."
+    )
     max_eval_rows: int = opt(40, "Score at most this many held-out rows.")
     max_new_tokens: int = opt(24, "Most tokens generated per held-out prompt.")
 
@@ -208,7 +247,9 @@ def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     return values
 
 
-def resolve(cls: type, flags: dict[str, Any] | None = None, config_file: str | None = None, base: dict | None = None):
+def resolve(
+    cls: type, flags: dict[str, Any] | None = None, config_file: str | None = None, base: dict | None = None
+):
     """defaults < base (e.g. the demo's settings) < YAML file < flags."""
     values: dict[str, Any] = dict(base or {})
     if config_file:

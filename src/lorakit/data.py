@@ -50,12 +50,18 @@ def resolve_sources(spec: str) -> list[Path] | str:
         files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json") and p.is_file())
         if files:
             return files
-        if any(p.suffix in (".parquet", ".csv", ".arrow") for p in path.rglob("*")) or (path / "dataset_info.json").exists():
+        if (
+            any(p.suffix in (".parquet", ".csv", ".arrow") for p in path.rglob("*"))
+            or (path / "dataset_info.json").exists()
+        ):
             return str(path)  # a datasets folder (parquet/csv/arrow): loaded through `datasets`
         raise LorakitError(f"dataset directory {path} has no .jsonl/.json (or parquet/csv) files")
     if any(c in spec for c in "*?["):
-        files = sorted(p for p in Path().glob(spec) if p.is_file()) if not path.is_absolute() else sorted(
-            p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file())
+        files = (
+            sorted(p for p in Path().glob(spec) if p.is_file())
+            if not path.is_absolute()
+            else sorted(p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file())
+        )
         if not files:
             raise LorakitError(f"dataset glob {spec} matches no files")
         return files
@@ -78,7 +84,9 @@ def read_jsonl(path: str | Path, keep_errors: bool = False) -> list[tuple[str, A
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise LorakitError(f"{path}:{line}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
+        raise LorakitError(
+            f"{path}:{line}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8"
+        ) from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         return _read_json_array(path, text)
     rows: list[tuple[str, Any]] = []
@@ -89,7 +97,9 @@ def read_jsonl(path: str | Path, keep_errors: bool = False) -> list[tuple[str, A
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            obj = LorakitError(f"{where}: invalid JSON at column {e.colno} ({e.msg}); one JSON object per line")
+            obj = LorakitError(
+                f"{where}: invalid JSON at column {e.colno} ({e.msg}); one JSON object per line"
+            )
         if not isinstance(obj, (dict, LorakitError)):
             obj = LorakitError(f"{where}: a row must be a JSON object, got {type(obj).__name__}")
         if isinstance(obj, LorakitError) and not keep_errors:
@@ -125,7 +135,9 @@ def _read_hf(spec: str) -> list[tuple[str, dict]]:
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # datasets raises many types (offline, missing, bad split)
-        raise LorakitError(f"--dataset {spec}: not a local file and `datasets` cannot load it ({str(e).splitlines()[0][:200]})") from None
+        raise LorakitError(
+            f"--dataset {spec}: not a local file and `datasets` cannot load it ({str(e).splitlines()[0][:200]})"
+        ) from None
     return [(f"{name}[{split or 'train'}]:{k}", dict(row)) for k, row in enumerate(ds)]
 
 
@@ -140,9 +152,20 @@ def load_rows(spec: str, keep_errors: bool = False) -> list[tuple[str, Any]]:
 # Formats -> messages
 
 FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-FORMAT_KEYS = {"alpaca": "instruction/input/output", "chat": "messages", "sharegpt": "conversations",
-               "completion": "prompt/completion", "text": "text"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+FORMAT_KEYS = {
+    "alpaca": "instruction/input/output",
+    "chat": "messages",
+    "sharegpt": "conversations",
+    "completion": "prompt/completion",
+    "text": "text",
+}
 
 
 def detect_format(row: dict) -> str | None:
@@ -170,7 +193,9 @@ class Sample:
     text: str | None = None
 
     def key(self) -> str:
-        return json.dumps(self.messages if self.messages is not None else self.text, sort_keys=True, ensure_ascii=False)
+        return json.dumps(
+            self.messages if self.messages is not None else self.text, sort_keys=True, ensure_ascii=False
+        )
 
 
 def _text(row: dict, key: str, where: str, *, required: bool = True, nonempty: bool = False) -> str:
@@ -191,11 +216,15 @@ def _check_messages(msgs: list[dict], where: str, key: str) -> list[dict]:
         if m["role"] == "system" and i != 0:
             raise LorakitError(f"{where}: {key}[{i}]: a system message may only come first")
         if m["role"] == "assistant" and not m["content"].strip():
-            raise LorakitError(f"{where}: {key}[{i}]: empty assistant content (nothing to learn); remove the turn or fill it")
+            raise LorakitError(
+                f"{where}: {key}[{i}]: empty assistant content (nothing to learn); remove the turn or fill it"
+            )
     if not any(m["role"] == "assistant" for m in msgs):
         raise LorakitError(f"{where}: '{key}' has no assistant turn: nothing to learn from this row")
     if msgs[-1]["role"] != "assistant":
-        raise LorakitError(f"{where}: '{key}' ends with a {msgs[-1]['role']} turn; the last turn must be the assistant's")
+        raise LorakitError(
+            f"{where}: '{key}' ends with a {msgs[-1]['role']} turn; the last turn must be the assistant's"
+        )
     return msgs
 
 
@@ -208,9 +237,13 @@ def _chat(row: dict, where: str) -> list[dict]:
         if not isinstance(m, dict):
             raise LorakitError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
         if m.get("role") not in ("system", "user", "assistant"):
-            raise LorakitError(f"{where}: messages[{i}]: unknown role {m.get('role')!r} (use system, user or assistant)")
+            raise LorakitError(
+                f"{where}: messages[{i}]: unknown role {m.get('role')!r} (use system, user or assistant)"
+            )
         if not isinstance(m.get("content"), str):
-            raise LorakitError(f"{where}: messages[{i}]: 'content' must be a string, got {type(m.get('content')).__name__}")
+            raise LorakitError(
+                f"{where}: messages[{i}]: 'content' must be a string, got {type(m.get('content')).__name__}"
+            )
         out.append({"role": m["role"], "content": m["content"]})
     return _check_messages(out, where, "messages")
 
@@ -218,13 +251,17 @@ def _chat(row: dict, where: str) -> list[dict]:
 def _sharegpt(row: dict, where: str) -> list[dict]:
     turns = row["conversations"]
     if not isinstance(turns, list) or not turns:
-        raise LorakitError(f"{where}: key 'conversations' must be a non-empty list of {{from, value}} objects")
+        raise LorakitError(
+            f"{where}: key 'conversations' must be a non-empty list of {{from, value}} objects"
+        )
     out = []
     for i, t in enumerate(turns):
         if not isinstance(t, dict):
             raise LorakitError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
         if t.get("from") not in SHAREGPT_ROLES:
-            raise LorakitError(f"{where}: conversations[{i}]: unknown 'from' {t.get('from')!r} (use system, human or gpt)")
+            raise LorakitError(
+                f"{where}: conversations[{i}]: unknown 'from' {t.get('from')!r} (use system, human or gpt)"
+            )
         if not isinstance(t.get("value"), str):
             raise LorakitError(f"{where}: conversations[{i}]: 'value' must be a string")
         out.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
@@ -253,7 +290,9 @@ def _completion(row: dict, where: str) -> list[dict]:
 def to_sample(row: dict, fmt: str, where: str, system_prompt: str) -> Sample:
     if fmt == "text":
         return Sample(where, fmt, text=_text(row, "text", where, nonempty=True))
-    msgs = {"alpaca": _alpaca, "chat": _chat, "sharegpt": _sharegpt, "completion": _completion}[fmt](row, where)
+    msgs = {"alpaca": _alpaca, "chat": _chat, "sharegpt": _sharegpt, "completion": _completion}[fmt](
+        row, where
+    )
     system = _text(row, "system", where, required=False) if fmt in ("alpaca", "completion") else ""
     system = system or system_prompt
     if system and msgs[0]["role"] != "system":
@@ -273,8 +312,9 @@ def _file_of(where: str) -> str:
     return where.rsplit(":", 1)[0] if ":" in where else where.split("[")[0]
 
 
-def to_samples(rows: list[tuple[str, dict]], dataset_format: str, system_prompt: str,
-               skip_bad_rows: bool = False) -> tuple[list[Sample], list[str]]:
+def to_samples(
+    rows: list[tuple[str, dict]], dataset_format: str, system_prompt: str, skip_bad_rows: bool = False
+) -> tuple[list[Sample], list[str]]:
     """Validate and convert rows; returns (samples, skipped-row messages).
 
     One format per file: with `auto`, the first row's keys fix it and a row of another format is
@@ -291,12 +331,16 @@ def to_samples(rows: list[tuple[str, dict]], dataset_format: str, system_prompt:
         if fmt is not None:
             first = file_format.setdefault(_file_of(where), (fmt, where))
             if fmt != first[0]:  # never skippable: a mixed file is a wrong file
-                raise LorakitError(f"{where}: {fmt} row in a file of {first[0]} rows (first at {first[1]}); "
-                                   "one format per file, or --dataset_format to force one")
+                raise LorakitError(
+                    f"{where}: {fmt} row in a file of {first[0]} rows (first at {first[1]}); "
+                    "one format per file, or --dataset_format to force one"
+                )
         try:
             if fmt is None:
-                raise LorakitError(f"{where}: cannot tell the row's format from its keys ({', '.join(sorted(row)) or 'none'}); "
-                                   f"use one of: {'; '.join(FORMAT_KEYS.values())}")
+                raise LorakitError(
+                    f"{where}: cannot tell the row's format from its keys ({', '.join(sorted(row)) or 'none'}); "
+                    f"use one of: {'; '.join(FORMAT_KEYS.values())}"
+                )
             samples.append(to_sample(row, fmt, where, system_prompt))
         except LorakitError as e:
             bad.append(str(e))
@@ -330,11 +374,15 @@ def split_validation(samples: list[Sample], val_size: float, seed: int) -> tuple
         return samples, []
     n = int(val_size) if val_size >= 1 else max(1, round(len(samples) * val_size))
     if n >= len(samples):
-        raise LorakitError(f"--val_size {val_size:g} leaves no training rows ({len(samples)} rows after de-duplication)")
+        raise LorakitError(
+            f"--val_size {val_size:g} leaves no training rows ({len(samples)} rows after de-duplication)"
+        )
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
     val_idx = set(order[:n])
-    return [s for i, s in enumerate(samples) if i not in val_idx], [s for i, s in enumerate(samples) if i in val_idx]
+    return [s for i, s in enumerate(samples) if i not in val_idx], [
+        s for i, s in enumerate(samples) if i in val_idx
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,25 +396,36 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.fallback = not getattr(tokenizer, "chat_template", None)
         if self.fallback:
-            print("lorakit: the tokenizer has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)", flush=True)
+            print(
+                "lorakit: the tokenizer has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)",
+                flush=True,
+            )
             tokenizer.chat_template = CHATML_TEMPLATE
         # Tokens the tokenizer itself puts before any text (BOS for Llama-style tokenizers).
         with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-        self.prefix_ids: list[int] = with_special[: len(with_special) - len(plain)] if with_special[-len(plain):] == plain else []
+        self.prefix_ids: list[int] = (
+            with_special[: len(with_special) - len(plain)] if with_special[-len(plain) :] == plain else []
+        )
         self.special_ids = set(tokenizer.all_special_ids) | {
-            i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
+            i
+            for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+            if getattr(t, "special", False)
         }
-        self.special_texts = sorted({tokenizer.convert_ids_to_tokens(i) for i in self.special_ids}, key=len, reverse=True)
+        self.special_texts = sorted(
+            {tokenizer.convert_ids_to_tokens(i) for i in self.special_ids}, key=len, reverse=True
+        )
         self.end_of_turn_id = self._probe_end_of_turn()
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def _probe_end_of_turn(self) -> int | None:
         """The special token the template writes after an assistant's content (e.g. <|im_end|>)."""
         msgs = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
-        delta = self.render(msgs)[len(self.render(msgs[:1], add_generation_prompt=True)):]
+        delta = self.render(msgs)[len(self.render(msgs[:1], add_generation_prompt=True)) :]
         ids = self._supervised_span(delta, "pong")[0]
         end = next((i for i in ids if i in self.special_ids), None)
         return end if end is not None else self.tokenizer.eos_token_id
@@ -407,7 +466,9 @@ class ChatFormat:
         for i, m in enumerate(messages):
             hit = next((t for t in self.special_texts if t and t in m["content"]), None)
             if hit:
-                raise LorakitError(f"message {i} ({m['role']}) contains the special token text {hit!r}; remove or escape it")
+                raise LorakitError(
+                    f"message {i} ({m['role']}) contains the special token text {hit!r}; remove or escape it"
+                )
 
     def encode_text(self, text: str) -> tuple[list[int], list[int]]:
         """Raw text (continued pre-training): loss on every token, EOS appended."""
@@ -417,7 +478,9 @@ class ChatFormat:
         n_prefix = len(ids) - len(self._encode(text)) - len(eos)
         return ids, [IGNORE_INDEX] * n_prefix + ids[n_prefix:]
 
-    def encode_conversation(self, messages: list[dict], last_only: bool = False) -> tuple[list[int], list[int], bool]:
+    def encode_conversation(
+        self, messages: list[dict], last_only: bool = False
+    ) -> tuple[list[int], list[int], bool]:
         """(input_ids, labels, boundary_merge) for a conversation; loss on every assistant turn
         (or only the last one)."""
         self.check_content(messages)
@@ -491,9 +554,15 @@ class DataReport:
         return s
 
 
-def encode_samples(samples: list[Sample], chat: ChatFormat, max_seq_length: int, overlength: str = "drop",
-                   train_on: str = "all_assistant", report: DataReport | None = None,
-                   skip_bad_rows: bool = False) -> list[dict[str, Any]]:
+def encode_samples(
+    samples: list[Sample],
+    chat: ChatFormat,
+    max_seq_length: int,
+    overlength: str = "drop",
+    train_on: str = "all_assistant",
+    report: DataReport | None = None,
+    skip_bad_rows: bool = False,
+) -> list[dict[str, Any]]:
     """Token ids and labels per sample, with the length policy applied and counted in `report`."""
     report = report if report is not None else DataReport(rows=len(samples))
     examples: list[dict[str, Any]] = []
@@ -502,7 +571,9 @@ def encode_samples(samples: list[Sample], chat: ChatFormat, max_seq_length: int,
             if s.text is not None:
                 ids, labels = chat.encode_text(s.text)
             else:
-                ids, labels, merged = chat.encode_conversation(s.messages, last_only=train_on == "last_assistant")
+                ids, labels, merged = chat.encode_conversation(
+                    s.messages, last_only=train_on == "last_assistant"
+                )
                 report.boundary_merges += merged
             if all(label == IGNORE_INDEX for label in labels):
                 raise LorakitError("no supervised token after rendering (the template dropped the answer)")
@@ -514,8 +585,10 @@ def encode_samples(samples: list[Sample], chat: ChatFormat, max_seq_length: int,
             continue
         if len(ids) > max_seq_length:
             if overlength == "error":
-                raise LorakitError(f"{s.where}: {len(ids)} tokens > max_seq_length {max_seq_length}; "
-                                   "raise --max_seq_length or use --overlength drop|truncate")
+                raise LorakitError(
+                    f"{s.where}: {len(ids)} tokens > max_seq_length {max_seq_length}; "
+                    "raise --max_seq_length or use --overlength drop|truncate"
+                )
             if overlength == "drop":
                 report.dropped_overlength.append(s.where)
                 continue
@@ -544,12 +617,19 @@ def load_samples(cfg) -> tuple[list[Sample], list[Sample], DataReport]:
     samples, report.duplicates = dedupe(samples)
     report.formats = dict(Counter(s.format for s in samples))
     if cfg.val_dataset:
-        val, skipped = to_samples(load_rows(cfg.val_dataset, cfg.skip_bad_rows), cfg.dataset_format, cfg.system_prompt, cfg.skip_bad_rows)
+        val, skipped = to_samples(
+            load_rows(cfg.val_dataset, cfg.skip_bad_rows),
+            cfg.dataset_format,
+            cfg.system_prompt,
+            cfg.skip_bad_rows,
+        )
         report.skipped += skipped
         val, _ = dedupe(val)
         train_keys = {s.key() for s in samples}
         report.val_leaks_removed = sum(s.key() in train_keys for s in val)
-        val = [s for s in val if s.key() not in train_keys]  # a validation row seen in training measures nothing
+        val = [
+            s for s in val if s.key() not in train_keys
+        ]  # a validation row seen in training measures nothing
     else:
         samples, val = split_validation(samples, cfg.val_size, cfg.seed)
     return samples, val, report
@@ -560,27 +640,43 @@ def prepare_data(cfg, tokenizer) -> tuple[list[dict], list[dict], DataReport]:
     train_samples, val_samples, report = load_samples(cfg)
     chat = ChatFormat(tokenizer)
     report.chatml_fallback = chat.fallback
-    kw = {"max_seq_length": cfg.max_seq_length, "overlength": cfg.overlength, "train_on": cfg.train_on,
-          "skip_bad_rows": cfg.skip_bad_rows}
+    kw = {
+        "max_seq_length": cfg.max_seq_length,
+        "overlength": cfg.overlength,
+        "train_on": cfg.train_on,
+        "skip_bad_rows": cfg.skip_bad_rows,
+    }
     train = encode_samples(train_samples, chat, report=report, **kw)
     val_report = DataReport()
     val = encode_samples(val_samples, chat, report=val_report, **kw)
     report.skipped += val_report.skipped
     report.kept, report.val_rows = len(train), len(val)
     if not train:
-        raise LorakitError(f"no trainable rows left of {report.rows}: {report.summary()} (raise --max_seq_length?)")
+        raise LorakitError(
+            f"no trainable rows left of {report.rows}: {report.summary()} (raise --max_seq_length?)"
+        )
     return train, val, report
 
 
-def encode_rows(rows: list[tuple[str, dict]], tokenizer, system_prompt: str, max_seq_length: int,
-                overlength: str = "drop", chat: ChatFormat | None = None) -> tuple[list[dict[str, Any]], DataReport]:
+def encode_rows(
+    rows: list[tuple[str, dict]],
+    tokenizer,
+    system_prompt: str,
+    max_seq_length: int,
+    overlength: str = "drop",
+    chat: ChatFormat | None = None,
+) -> tuple[list[dict[str, Any]], DataReport]:
     """Encode rows of any format (no de-duplication or split): a shortcut for tests and tools."""
     samples, _ = to_samples(rows, "auto", system_prompt)
     report = DataReport(rows=len(rows))
-    examples = encode_samples(samples, chat or ChatFormat(tokenizer), max_seq_length, overlength, report=report)
+    examples = encode_samples(
+        samples, chat or ChatFormat(tokenizer), max_seq_length, overlength, report=report
+    )
     report.kept = len(examples)
     if not examples:
-        raise LorakitError(f"no trainable rows left: all {report.rows} exceed max_seq_length {max_seq_length} (raise --max_seq_length)")
+        raise LorakitError(
+            f"no trainable rows left: all {report.rows} exceed max_seq_length {max_seq_length} (raise --max_seq_length)"
+        )
     return examples, report
 
 

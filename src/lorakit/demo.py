@@ -23,7 +23,9 @@ def demo(cfg: DemoConfig) -> Path:
 
     from .train import cpu_supports_bf16, train
 
-    if not (cfg.fp16 or cfg.bf16) and (torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_supports_bf16()):
+    if not (cfg.fp16 or cfg.bf16) and (
+        torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_supports_bf16()
+    ):
         cfg = dataclasses.replace(cfg, bf16=True)
     rows = read_jsonl(cfg.eval_dataset or demo_path("test"))[: cfg.max_eval_rows]
     conversations = [row_to_messages(r, w, cfg.system_prompt)[:-1] for w, r in rows]
@@ -47,9 +49,15 @@ def demo(cfg: DemoConfig) -> Path:
         "held_out_rows": len(rows),
         "base": s_before,
         "tuned": s_after,
-        "seconds": {"base_eval": round(t1 - t0, 1), "train": round(t2 - t1, 1), "tuned_eval": round(t3 - t2, 1)},
-        "examples": [{"prompt": c[-1]["content"], "reference": ref, "base": b.text, "tuned": a.text}
-                     for c, ref, b, a in zip(conversations, references, before, after)],
+        "seconds": {
+            "base_eval": round(t1 - t0, 1),
+            "train": round(t2 - t1, 1),
+            "tuned_eval": round(t3 - t2, 1),
+        },
+        "examples": [
+            {"prompt": c[-1]["content"], "reference": ref, "base": b.text, "tuned": a.text}
+            for c, ref, b, a in zip(conversations, references, before, after)
+        ],
     }
     atomic_write_json(out / "demo.json", result)
     print(f"lorakit: timings {result['seconds']}; details in {out / 'demo.json'}")

@@ -52,11 +52,24 @@ def check(cfg: DataCheckConfig) -> dict:
     chat = ChatFormat(tokenizer)
     report.chatml_fallback = chat.fallback
     # Lengths of every row before the length policy, then the policy itself.
-    full = encode_samples(train + val, chat, max_seq_length=1 << 30, train_on=cfg.train_on, skip_bad_rows=cfg.skip_bad_rows,
-                          report=DataReport())
+    full = encode_samples(
+        train + val,
+        chat,
+        max_seq_length=1 << 30,
+        train_on=cfg.train_on,
+        skip_bad_rows=cfg.skip_bad_rows,
+        report=DataReport(),
+    )
     lengths = [len(e["input_ids"]) for e in full]
-    kept = encode_samples(train, chat, cfg.max_seq_length, cfg.overlength, cfg.train_on, report=report,
-                          skip_bad_rows=cfg.skip_bad_rows)
+    kept = encode_samples(
+        train,
+        chat,
+        cfg.max_seq_length,
+        cfg.overlength,
+        cfg.train_on,
+        report=report,
+        skip_bad_rows=cfg.skip_bad_rows,
+    )
     report.kept, report.val_rows = len(kept), len(val)
     supervised = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in full)
     result = {
@@ -67,13 +80,20 @@ def check(cfg: DataCheckConfig) -> dict:
         "validation_rows": len(val),
         "duplicates_dropped": report.duplicates,
         "bad_rows_skipped": report.skipped,
-        "over_max_seq_length": {"max_seq_length": cfg.max_seq_length, "policy": cfg.overlength,
-                                "dropped": report.dropped_overlength, "truncated": report.truncated},
+        "over_max_seq_length": {
+            "max_seq_length": cfg.max_seq_length,
+            "policy": cfg.overlength,
+            "dropped": report.dropped_overlength,
+            "truncated": report.truncated,
+        },
         "tokens": sum(lengths),
         "supervised_fraction": supervised / max(sum(lengths), 1),
-        "length_percentiles": {f"p{q}": percentile(lengths, q) for q in (50, 90, 95, 99)} | {"max": max(lengths)},
+        "length_percentiles": {f"p{q}": percentile(lengths, q) for q in (50, 90, 95, 99)}
+        | {"max": max(lengths)},
         "boundary_merges": report.boundary_merges,
-        "chat_template": "ChatML fallback (the tokenizer has none)" if chat.fallback else "the tokenizer's own",
+        "chat_template": "ChatML fallback (the tokenizer has none)"
+        if chat.fallback
+        else "the tokenizer's own",
         "chat_template_sha256": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()[:16],
         "recommended": recommend(report.rows, lengths),
         "lengths": lengths,
@@ -100,15 +120,22 @@ def _print_check(r: dict, preview: list[dict], tokenizer) -> None:
     t.add_row("duplicates dropped", _first(r["duplicates_dropped"]))
     t.add_row("bad rows skipped", _first(r["bad_rows_skipped"]))
     over = r["over_max_seq_length"]
-    t.add_row(f"over max_seq_length {over['max_seq_length']}",
-              f"dropped {_first(over['dropped'])}; truncated {_first(over['truncated'])} (--overlength {over['policy']})")
+    t.add_row(
+        f"over max_seq_length {over['max_seq_length']}",
+        f"dropped {_first(over['dropped'])}; truncated {_first(over['truncated'])} (--overlength {over['policy']})",
+    )
     t.add_row("tokens", f"{r['tokens']:,} ({r['supervised_fraction']:.1%} supervised)")
     t.add_row("length percentiles", ", ".join(f"{k} {v}" for k, v in r["length_percentiles"].items()))
     t.add_row("chat template", f"{r['chat_template']} (sha256 {r['chat_template_sha256']})")
     if r["boundary_merges"]:
-        t.add_row("token merges across turns", f"{r['boundary_merges']} rows (trained as inference sees them)")
+        t.add_row(
+            "token merges across turns", f"{r['boundary_merges']} rows (trained as inference sees them)"
+        )
     rec = r["recommended"]
-    t.add_row("recommended", f"--max_seq_length {rec['max_seq_length']}, --lora_r {rec['lora_r']}, --num_epochs {rec['num_epochs']}")
+    t.add_row(
+        "recommended",
+        f"--max_seq_length {rec['max_seq_length']}, --lora_r {rec['lora_r']}, --num_epochs {rec['num_epochs']}",
+    )
     console.print(t)
     console.print(_text_histogram(r["lengths"]))
     for e in preview:
@@ -133,7 +160,9 @@ def _text_histogram(lengths: list[int], bins: int = 10, width: int = 40) -> str:
     lines = ["token lengths:"]
     for k, c in enumerate(counts):
         a = lo + k * step
-        lines.append(f"  {a:>6}-{a + step - 1:<6} {'#' * max(1 if c else 0, round(width * c / top)):<{width}} {c}")
+        lines.append(
+            f"  {a:>6}-{a + step - 1:<6} {'#' * max(1 if c else 0, round(width * c / top)):<{width}} {c}"
+        )
     return "\n".join(lines)
 
 
@@ -164,10 +193,16 @@ def convert(cfg: DataConvertConfig) -> Path:
     rows = load_rows(cfg.dataset or str(demo_path("train")), cfg.skip_bad_rows)
     samples, skipped = to_samples(rows, cfg.dataset_format, cfg.system_prompt, cfg.skip_bad_rows)
     samples, duplicates = dedupe(samples)
-    lines = [json.dumps({"messages": s.messages} if s.messages is not None else {"text": s.text}, ensure_ascii=False)
-             for s in samples]
+    lines = [
+        json.dumps(
+            {"messages": s.messages} if s.messages is not None else {"text": s.text}, ensure_ascii=False
+        )
+        for s in samples
+    ]
     out = atomic_write_text(cfg.output, "\n".join(lines) + "\n")
-    print(f"lorakit: wrote {len(samples)} rows to {out} ({len(duplicates)} duplicates dropped, {len(skipped)} bad rows skipped)")
+    print(
+        f"lorakit: wrote {len(samples)} rows to {out} ({len(duplicates)} duplicates dropped, {len(skipped)} bad rows skipped)"
+    )
     for msg in skipped:
         print(f"  skipped {msg}")
     return out

@@ -22,7 +22,9 @@ def adapter_settings(adapter: str) -> dict:
     """The training config saved beside an adapter (lorakit.yaml), or {} for a foreign adapter."""
     d = Path(adapter).expanduser()
     if not (d / "adapter_config.json").is_file():
-        raise LorakitError(f"--adapter {adapter}: no adapter_config.json there (expected a directory written by `lorakit train`)")
+        raise LorakitError(
+            f"--adapter {adapter}: no adapter_config.json there (expected a directory written by `lorakit train`)"
+        )
     return read_yaml(d / "lorakit.yaml", TrainConfig) if (d / "lorakit.yaml").is_file() else {}
 
 
@@ -47,8 +49,17 @@ def load_for_inference(base_model: str = "", adapter: str = "", trust_remote_cod
     return model, tokenizer, ChatFormat(tokenizer)
 
 
-def generate_batch(model, tokenizer, chat: ChatFormat, conversations: list[list[dict]], max_new_tokens: int = 256,
-                   temperature: float = 0.0, top_p: float = 0.9, top_k: int = 40, batch_size: int = 8) -> list[Generation]:
+def generate_batch(
+    model,
+    tokenizer,
+    chat: ChatFormat,
+    conversations: list[list[dict]],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 0.9,
+    top_k: int = 40,
+    batch_size: int = 8,
+) -> list[Generation]:
     """Generate an answer for each conversation (left-padded batches, greedy unless temperature > 0)."""
     import torch
 
@@ -60,24 +71,54 @@ def generate_batch(model, tokenizer, chat: ChatFormat, conversations: list[list[
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if temperature > 0 else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+            if temperature > 0
+            else {"do_sample": False}
+        )
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
-                                 eos_token_id=stop, pad_token_id=pad, use_cache=True, **sampling)
+            out = model.generate(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop,
+                pad_token_id=pad,
+                use_cache=True,
+                **sampling,
+            )
         for row in out[:, width:].tolist():
             end = next((k for k, t in enumerate(row) if t in stop), None)
             kept = row if end is None else row[:end]
-            results.append(Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), end is not None, len(kept)))
+            results.append(
+                Generation(
+                    tokenizer.decode(kept, skip_special_tokens=True).strip(), end is not None, len(kept)
+                )
+            )
     return results
 
 
 def user_messages(system_prompt: str, prompt: str) -> list[dict]:
-    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": prompt}]
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}
+    ]
 
 
 def generate(cfg: GenerateConfig, prompt: str) -> str:
     trained = adapter_settings(cfg.adapter) if cfg.adapter else {}
-    system = cfg.system_prompt if cfg.system_prompt != GenerateConfig.system_prompt else trained.get("system_prompt", cfg.system_prompt)
+    system = (
+        cfg.system_prompt
+        if cfg.system_prompt != GenerateConfig.system_prompt
+        else trained.get("system_prompt", cfg.system_prompt)
+    )
     model, tokenizer, chat = load_for_inference(cfg.base_model, cfg.adapter, cfg.trust_remote_code)
-    [g] = generate_batch(model, tokenizer, chat, [user_messages(system, prompt)], cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    [g] = generate_batch(
+        model,
+        tokenizer,
+        chat,
+        [user_messages(system, prompt)],
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_p,
+        cfg.top_k,
+    )
     return g.text

@@ -65,7 +65,9 @@ def resolve_base_model(name: str) -> BaseModel:
         return BaseModel(name, str(convert_gguf(p)), "gguf", str(p.resolve()))
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise LorakitError(f"--base_model {name}: directory has no config.json (expected a transformers model directory)")
+            raise LorakitError(
+                f"--base_model {name}: directory has no config.json (expected a transformers model directory)"
+            )
         return BaseModel(name, str(p.resolve()), "local")
     if p.exists() or name.startswith((".", "/", "~")):
         raise LorakitError(f"--base_model {name}: not a model directory, a .gguf file or a hub id")
@@ -115,7 +117,9 @@ def convert_gguf(gguf_path: str | Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     except Exception as e:  # the gguf reader raises many types for unsupported files
-        raise LorakitError(f"{gguf_path}: transformers cannot read this GGUF ({type(e).__name__}: {e})") from None
+        raise LorakitError(
+            f"{gguf_path}: transformers cannot read this GGUF ({type(e).__name__}: {e})"
+        ) from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -126,12 +130,16 @@ def convert_gguf(gguf_path: str | Path) -> Path:
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if k not in getattr(plain, "_tied_weights_keys", {}) and "lm_head" not in k]
     if missing or unexpected:
-        raise LorakitError(f"{gguf_path}: converted weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise LorakitError(
+            f"{gguf_path}: converted weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     del loaded
     with staging_dir(final) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "lorakit-source.json", {"gguf": str(gguf_path), "sha256": file_sha256(gguf_path)})
+        atomic_write_json(
+            tmp / "lorakit-source.json", {"gguf": str(gguf_path), "sha256": file_sha256(gguf_path)}
+        )
     return final
 
 
@@ -141,8 +149,14 @@ def cached_models() -> list[dict]:
     try:
         emb = embedded_gguf()
         cache = gguf_cache_dir(emb)
-        rows.append({"name": f"{EMBEDDED_NAME} (default)", "kind": "embedded gguf", "path": str(emb),
-                     "cache": str(cache) if cache.exists() else "not converted yet (done on first use)"})
+        rows.append(
+            {
+                "name": f"{EMBEDDED_NAME} (default)",
+                "kind": "embedded gguf",
+                "path": str(emb),
+                "cache": str(cache) if cache.exists() else "not converted yet (done on first use)",
+            }
+        )
     except LorakitError as e:
         rows.append({"name": f"{EMBEDDED_NAME} (default)", "kind": "missing", "path": str(e), "cache": ""})
     models_dir = lorakit_home() / "models"
@@ -159,7 +173,14 @@ def cached_models() -> list[dict]:
 
         for repo in sorted(scan_cache_dir().repos, key=lambda r: r.repo_id):
             if repo.repo_type == "model":
-                rows.append({"name": repo.repo_id, "kind": "hub cache", "path": repo.repo_id, "cache": str(repo.repo_path)})
+                rows.append(
+                    {
+                        "name": repo.repo_id,
+                        "kind": "hub cache",
+                        "path": repo.repo_id,
+                        "cache": str(repo.repo_path),
+                    }
+                )
     except Exception:  # no hub cache yet, or an unreadable one: nothing to list
         pass
     return rows
@@ -171,7 +192,9 @@ def load_tokenizer(base: BaseModel, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(base.path, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise LorakitError(f"--base_model {base.name}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        raise LorakitError(
+            f"--base_model {base.name}: cannot load its tokenizer ({str(e).splitlines()[0]})"
+        ) from None
     if tok.pad_token_id is None:
         # Padding positions are excluded by the attention mask and by labels built from row
         # lengths, never by matching the pad id, so reusing EOS here cannot mask EOS out.
@@ -183,7 +206,9 @@ def load_model(base: BaseModel, dtype=None, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(
+            base.path, dtype=dtype or "auto", trust_remote_code=trust_remote_code
+        )
     except OSError as e:
         raise LorakitError(
             f"--base_model {base.name}: cannot load ({str(e).splitlines()[0]}); offline, use a local directory or a .gguf file"

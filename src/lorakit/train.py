@@ -33,7 +33,9 @@ def check_precision(cfg: TrainConfig) -> str:
         if cuda and not torch.cuda.is_bf16_supported():
             raise LorakitError("--bf16 needs an Ampere or newer GPU; use --fp16 on this GPU")
         if not cuda and not cpu_supports_bf16():
-            raise LorakitError("--bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); train in fp32 (drop --bf16)")
+            raise LorakitError(
+                "--bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); train in fp32 (drop --bf16)"
+            )
     return "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else "fp32"
 
 
@@ -93,18 +95,33 @@ def train(cfg: TrainConfig) -> Path:
     cuda = torch.cuda.is_available()
     # Frozen base weights in the half dtype on GPU; on CPU fp32 weights with bf16 autocast,
     # which runs as fast as bf16 weights here and keeps the frozen weights exact.
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32) if cuda else torch.float32
+    dtype = (
+        {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        if cuda
+        else torch.float32
+    )
     model = load_model(base, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False  # the KV cache is useless in training and breaks per-row masks
     targets = cfg.target_modules[0] if cfg.target_modules == ["all-linear"] else cfg.target_modules
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:
-        raise LorakitError(f"--target_modules {','.join(cfg.target_modules)}: {str(e).splitlines()[0]}") from None
+        raise LorakitError(
+            f"--target_modules {','.join(cfg.target_modules)}: {str(e).splitlines()[0]}"
+        ) from None
     trainable, total = model.get_nb_trainable_parameters()
-    print(f"lorakit: trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}", flush=True)
+    print(
+        f"lorakit: trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
+        flush=True,
+    )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -115,7 +132,10 @@ def train(cfg: TrainConfig) -> Path:
     warmup = cfg.warmup_steps
     if warmup >= total_steps:
         warmup = total_steps // 10
-        print(f"lorakit: warmup_steps {cfg.warmup_steps} >= the run's {total_steps} steps; warming up for {warmup}", flush=True)
+        print(
+            f"lorakit: warmup_steps {cfg.warmup_steps} >= the run's {total_steps} steps; warming up for {warmup}",
+            flush=True,
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     args = TrainingArguments(
@@ -147,8 +167,15 @@ def train(cfg: TrainConfig) -> Path:
         seed=cfg.seed,
         disable_tqdm=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=examples, eval_dataset=val_examples or None, data_collator=Collator(tokenizer.pad_token_id),
-                      processing_class=tokenizer, callbacks=_callbacks(out))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        eval_dataset=val_examples or None,
+        data_collator=Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=_callbacks(out),
+    )
     result = trainer.train()
     tokens = trainer.state.num_input_tokens_seen
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
@@ -173,5 +200,8 @@ def train(cfg: TrainConfig) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_yaml(cfg, tmp)
-    print(f"lorakit: adapter written to {out} (loss {result.training_loss:.4f}, {summary['tokens_per_second']} tokens/s)", flush=True)
+    print(
+        f"lorakit: adapter written to {out} (loss {result.training_loss:.4f}, {summary['tokens_per_second']} tokens/s)",
+        flush=True,
+    )
     return out

@@ -1,0 +1,110 @@
+"""Property tests: random conversations through real chat templates (SmolLM2's ChatML and a
+Llama-3-style template built locally)."""
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from lorakit.data import IGNORE_INDEX, ChatFormat, Collator
+
+SPECIALS = ("<|", "|>", "<repo", "<file", "<issue", "<jupyter", "<empty", "<gh_", "<filename", "<reponame")
+text = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc")) | st.sampled_from(list("\n\t ")), min_size=1, max_size=30
+).filter(lambda s: s.strip() and not any(t in s for t in SPECIALS))
+
+
+@st.composite
+def conversations(draw):
+    msgs = [{"role": "system", "content": draw(text)}] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 3))):
+        msgs += [{"role": "user", "content": draw(text)}, {"role": "assistant", "content": draw(text)}]
+    return msgs
+
+
+PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def round_trips(tok, msgs):
+    """Characters the tokenizer itself cannot decode back (e.g. unassigned code points the GGUF
+    vocabulary lacks) say nothing about the mask: such inputs are skipped."""
+    return all(
+        tok.decode(tok(m["content"], add_special_tokens=False)["input_ids"]) == m["content"] for m in msgs
+    )
+
+
+def check_supervision(tok, msgs, end_token, trim, last_only=False):
+    assume(round_trips(tok, msgs))
+    chat = ChatFormat(tok)
+    ids, labels, _ = chat.encode_conversation(msgs, last_only=last_only)
+    assert len(ids) == len(labels)
+    answers = [m["content"] for m in msgs if m["role"] == "assistant"]
+    if last_only:
+        answers = answers[-1:]
+    expected = "".join((a.strip() if trim else a) + end_token for a in answers)
+    supervised = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    assert tok.decode(supervised) == expected
+    # Labels equal the input ids wherever they are set (no shifted or foreign labels).
+    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels))
+    # Nothing before the first assistant answer is supervised: the prompt of turn 1 is all -100.
+    first_prompt = chat.encode_prompt(msgs[: next(k for k, m in enumerate(msgs) if m["role"] == "assistant")])
+    assert ids[: len(first_prompt)] == first_prompt
+    assert all(lab == IGNORE_INDEX for lab in labels[: len(first_prompt)])
+    return ids, labels
+
+
+@PROPS
+@given(msgs=conversations())
+def test_chatml_supervises_exactly_the_answers(smol_tokenizer, msgs):
+    ids, labels = check_supervision(smol_tokenizer, msgs, "<|im_end|>", trim=False)
+    # Count check: each answer's own tokens plus one end-of-turn token, nothing else.
+    n = sum(
+        len(smol_tokenizer(m["content"], add_special_tokens=False)["input_ids"]) + 1
+        for m in msgs
+        if m["role"] == "assistant"
+    )
+    assert sum(lab != IGNORE_INDEX for lab in labels) == n
+
+
+@PROPS
+@given(msgs=conversations())
+def test_llama3_style_supervises_exactly_the_answers(llama3_tokenizer, msgs):
+    ids, _ = check_supervision(llama3_tokenizer, msgs, "<file_sep>", trim=True)
+    assert ids.count(llama3_tokenizer.bos_token_id) == 1
+
+
+@PROPS
+@given(msgs=conversations())
+def test_last_turn_only(smol_tokenizer, msgs):
+    check_supervision(smol_tokenizer, msgs, "<|im_end|>", trim=False, last_only=True)
+
+
+@PROPS
+@given(a=conversations(), b=conversations())
+def test_mask_identical_padded_or_not(smol_tokenizer, a, b):
+    chat = ChatFormat(smol_tokenizer)
+    rows = []
+    for msgs in (a, b):
+        ids, labels, _ = chat.encode_conversation(msgs)
+        rows.append({"input_ids": ids, "labels": labels})
+    batch = Collator(smol_tokenizer.pad_token_id, pad_to_multiple_of=8)(rows)
+    for k, r in enumerate(rows):
+        n = len(r["input_ids"])
+        assert batch["labels"][k, :n].tolist() == r["labels"]
+        assert (batch["labels"][k, n:] == IGNORE_INDEX).all()
+        assert batch["attention_mask"][k].sum().item() == n
+
+
+@pytest.mark.parametrize("fixture", ["smol_tokenizer", "llama3_tokenizer"])
+def test_inference_prompt_plus_answer_is_the_training_text(request, fixture):
+    tok = request.getfixturevalue(fixture)
+    chat = ChatFormat(tok)
+    msgs = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]
+    ids, labels, _ = chat.encode_conversation(msgs)
+    prompt = chat.encode_prompt(msgs[:-1])
+    assert ids[: len(prompt)] == prompt  # the exact tokens `generate` feeds the model
+    generated = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    assert ids[len(prompt) : len(prompt) + len(generated)] == generated  # the answer follows directly
