@@ -416,6 +416,12 @@ class ChatFormat:
             {tokenizer.convert_ids_to_tokens(i) for i in self.special_ids}, key=len, reverse=True
         )
         self.end_of_turn_id = self._probe_end_of_turn()
+        probe = self._encode(self.render([{"role": "user", "content": "x"}], add_generation_prompt=True))
+        self.template_writes_bos = bool(self.prefix_ids) and probe[: len(self.prefix_ids)] == self.prefix_ids
+        if self.template_writes_bos:
+            # Tokenizing such a render with add_special_tokens=True (what many scripts do) gives
+            # <bos><bos>; lorakit adds none of its own here.
+            print("lorakit: the chat template writes BOS itself; not adding a second one", flush=True)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
