@@ -711,4 +711,5 @@ class Collator:
             ids[row, :n] = torch.tensor(b["input_ids"])
             labels[row, :n] = torch.tensor(b["labels"])
             mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        # Row origins ("file:line") travel with the batch so a NaN loss can name its rows.
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "sources": [b.get("source") for b in batch]}

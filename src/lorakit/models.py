@@ -202,14 +202,21 @@ def load_tokenizer(base: BaseModel, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(base: BaseModel, dtype=None, trust_remote_code: bool = False):
+def load_model(base: BaseModel, dtype=None, trust_remote_code: bool = False, quantization_config=None):
+    import torch
     from transformers import AutoModelForCausalLM
 
+    kwargs = {}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         return AutoModelForCausalLM.from_pretrained(
-            base.path, dtype=dtype or "auto", trust_remote_code=trust_remote_code
+            base.path, dtype=dtype or "auto", trust_remote_code=trust_remote_code, **kwargs
         )
     except OSError as e:
         raise LorakitError(
-            f"--base_model {base.name}: cannot load ({str(e).splitlines()[0]}); offline, use a local directory or a .gguf file"
+            f"--base_model {base.name}: cannot load ({str(e).splitlines()[0]}); "
+            "offline, use a local directory or a .gguf file"
         ) from None
