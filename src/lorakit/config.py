@@ -91,12 +91,16 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         GUIDE_TARGET_MODULES,
         "Module names to adapt, or 'all-linear' for every linear layer but the output head.",
     )
-    use_rslora: bool = opt(False, "Rank-stabilised LoRA: scale by lora_alpha / sqrt(lora_r) instead of / lora_r.")
+    use_rslora: bool = opt(
+        False, "Rank-stabilised LoRA: scale by lora_alpha / sqrt(lora_r) instead of / lora_r."
+    )
     use_dora: bool = opt(False, "DoRA: learn a magnitude vector beside the LoRA direction (slower).")
     load_in_4bit: bool = opt(False, "QLoRA: load the frozen base in 4-bit through bitsandbytes.")
     load_in_8bit: bool = opt(False, "Load the frozen base in 8-bit through bitsandbytes.")
     bnb_4bit_quant_type: str = opt("nf4", "4-bit data type.", choices=("nf4", "fp4"))
-    bnb_4bit_use_double_quant: bool = opt(True, "Also quantize the 4-bit quantization constants (~0.4 bit/param).")
+    bnb_4bit_use_double_quant: bool = opt(
+        True, "Also quantize the 4-bit quantization constants (~0.4 bit/param)."
+    )
     bnb_4bit_compute_dtype: str = opt(
         "auto",
         "Dtype of the 4-bit matmuls (auto: bf16 where supported, else fp16 on GPU, fp32 on CPU).",
@@ -126,7 +130,9 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
     early_stopping_patience: int = opt(
         0, "Stop after this many evaluations without a lower validation loss; restore the best (0 = off)."
     )
-    save_steps: int = opt(100, "Write a resumable checkpoint every this many steps (early stopping: every eval).")
+    save_steps: int = opt(
+        100, "Write a resumable checkpoint every this many steps (early stopping: every eval)."
+    )
     save_total_limit: int = opt(3, "Keep only the newest this many checkpoints (and the best one).")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
     resume_from_checkpoint: str = opt("", "Continue from this checkpoint directory.")
@@ -134,7 +140,8 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         False, "Resume even if the data, chat template or settings differ from the checkpoint's."
     )
     auto_batch_size: bool = opt(
-        True, "On out-of-memory: halve batch_size, double gradient_accumulation_steps, continue from the last step."
+        True,
+        "On out-of-memory: halve batch_size, double gradient_accumulation_steps, continue from the last step.",
     )
     max_nonfinite_steps: int = opt(
         3, "Stop after this many consecutive steps with a NaN/inf loss or gradient (each one is skipped)."

@@ -712,4 +712,9 @@ class Collator:
             labels[row, :n] = torch.tensor(b["labels"])
             mask[row, :n] = 1
         # Row origins ("file:line") travel with the batch so a NaN loss can name its rows.
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "sources": [b.get("source") for b in batch]}
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": mask,
+            "sources": [b.get("source") for b in batch],
+        }

@@ -35,7 +35,11 @@ class MetricsLog(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         if not state.is_world_process_zero:
             return
-        kept = [r for r in read_metrics(self.path.parent) if not r.get("summary") and r.get("step", 0) <= state.global_step]
+        kept = [
+            r
+            for r in read_metrics(self.path.parent)
+            if not r.get("summary") and r.get("step", 0) <= state.global_step
+        ]
         if state.global_step == 0:
             kept = []
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -83,7 +87,9 @@ class Progress(TrainerCallback):
             TimeRemainingColumn(),
             console=self.console,
         )
-        self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step, **self.fields)
+        self.task = self.bar.add_task(
+            "train", total=state.max_steps, completed=state.global_step, **self.fields
+        )
         self.bar.start()
 
     def on_step_end(self, args, state, control, **kw):
@@ -97,12 +103,19 @@ class Progress(TrainerCallback):
             now, seen = time.perf_counter(), state.num_input_tokens_seen
             tps = (seen - self.last[1]) / max(now - self.last[0], 1e-9)
             self.last = (now, seen)
-            self.fields = {"loss": f"{logs['loss']:.4f}", "lr": f"{logs.get('learning_rate', 0):.2e}", "tps": f"{tps:.0f}"}
+            self.fields = {
+                "loss": f"{logs['loss']:.4f}",
+                "lr": f"{logs.get('learning_rate', 0):.2e}",
+                "tps": f"{tps:.0f}",
+            }
             if self.bar is not None:
                 self.bar.update(self.task, **self.fields)
             else:
                 f = self.fields
-                print(f"step {state.global_step}/{state.max_steps}  loss {f['loss']}  lr {f['lr']}  {f['tps']} tok/s", flush=True)
+                print(
+                    f"step {state.global_step}/{state.max_steps}  loss {f['loss']}  lr {f['lr']}  {f['tps']} tok/s",
+                    flush=True,
+                )
         if "eval_loss" in logs:
             msg = f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f} (perplexity {math.exp(min(logs['eval_loss'], 50)):.2f})"
             (self.bar.console.print if self.bar is not None else print)(msg)
@@ -141,21 +154,33 @@ class HealthWatch(TrainerCallback):
                 first = sum(v for _, v in self.train[:k]) / k
                 recent = sum(v for _, v in self.train[-k:]) / k
                 if recent >= 0.98 * first:
-                    self.warn("stall", (
-                        f"training loss has not fallen after {state.global_step} steps ({first:.4f} -> {recent:.4f}): "
-                        "the learning rate may be too low (try 5e-4), or the data may be wrong: run `lorakit data check` "
-                        "and look at the supervised fraction and the highlighted preview"))
+                    self.warn(
+                        "stall",
+                        (
+                            f"training loss has not fallen after {state.global_step} steps ({first:.4f} -> {recent:.4f}): "
+                            "the learning rate may be too low (try 5e-4), or the data may be wrong: run `lorakit data check` "
+                            "and look at the supervised fraction and the highlighted preview"
+                        ),
+                    )
         if "eval_loss" in logs:
             self.evals.append(logs["eval_loss"])
-            if len(self.evals) >= 3 and self.evals[-1] > self.evals[-2] > self.evals[-3] and len(self.train) >= 2:
+            if (
+                len(self.evals) >= 3
+                and self.evals[-1] > self.evals[-2] > self.evals[-3]
+                and len(self.train) >= 2
+            ):
                 half = len(self.train) // 2
                 early = sum(v for _, v in self.train[:half]) / max(half, 1)
                 late = sum(v for _, v in self.train[half:]) / max(len(self.train) - half, 1)
                 if late < early:
-                    self.warn("overfit", (
-                        f"overfitting: validation loss rose for 2 evaluations ({self.evals[-3]:.4f} -> {self.evals[-1]:.4f}) "
-                        "while training loss kept falling; use fewer epochs, --early_stopping_patience, "
-                        "--lora_dropout 0.1, --weight_decay 0.05, or more data"))
+                    self.warn(
+                        "overfit",
+                        (
+                            f"overfitting: validation loss rose for 2 evaluations ({self.evals[-3]:.4f} -> {self.evals[-1]:.4f}) "
+                            "while training loss kept falling; use fewer epochs, --early_stopping_patience, "
+                            "--lora_dropout 0.1, --weight_decay 0.05, or more data"
+                        ),
+                    )
 
 
 class StopOnSignal(TrainerCallback):
@@ -178,7 +203,10 @@ class StopOnSignal(TrainerCallback):
         if self.signum is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\nlorakit: {signal.Signals(signum).name} received: saving a checkpoint after this step", flush=True)
+        print(
+            f"\nlorakit: {signal.Signals(signum).name} received: saving a checkpoint after this step",
+            flush=True,
+        )
 
     def on_step_end(self, args, state, control, **kw):
         if self.signum is not None:

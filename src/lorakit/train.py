@@ -34,9 +34,23 @@ from .models import load_model, load_tokenizer, resolve_base_model
 CHECKPOINT_MARKER = "lorakit-checkpoint.json"
 # Settings that may change between a checkpoint and its resume without changing the run's maths.
 RESUMABLE_CHANGES = {
-    "output_dir", "overwrite", "resume", "resume_from_checkpoint", "resume_ignore_changes", "logging_steps",
-    "save_steps", "save_total_limit", "auto_batch_size", "batch_size", "gradient_accumulation_steps",
-    "dataset", "val_dataset", "no_progress_steps", "max_nonfinite_steps", "base_model", "skip_bad_rows",
+    "output_dir",
+    "overwrite",
+    "resume",
+    "resume_from_checkpoint",
+    "resume_ignore_changes",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "auto_batch_size",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "dataset",
+    "val_dataset",
+    "no_progress_steps",
+    "max_nonfinite_steps",
+    "base_model",
+    "skip_bad_rows",
 }
 
 
@@ -57,7 +71,9 @@ def check_precision(cfg: TrainConfig) -> str:
         if cuda and not torch.cuda.is_bf16_supported():
             raise LorakitError("--bf16 needs an Ampere or newer GPU; use --fp16 on this GPU")
         if not cuda and not cpu_supports_bf16():
-            raise LorakitError("--bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); train in fp32 (drop --bf16)")
+            raise LorakitError(
+                "--bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); train in fp32 (drop --bf16)"
+            )
     if cfg.load_in_4bit and cfg.load_in_8bit:
         raise LorakitError("--load_in_4bit and --load_in_8bit are exclusive: pick one")
     return "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else "fp32"
@@ -73,7 +89,9 @@ def cpu_supports_bf16() -> bool:
 # Fingerprints and checkpoints
 
 
-def fingerprint(cfg: TrainConfig, train_examples: list[dict], val_examples: list[dict], chat_template: str) -> dict:
+def fingerprint(
+    cfg: TrainConfig, train_examples: list[dict], val_examples: list[dict], chat_template: str
+) -> dict:
     data = hashlib.sha256()
     for ex in train_examples + [{"val": True}] + val_examples:
         data.update(json.dumps([ex.get("input_ids"), ex.get("labels")]).encode())
@@ -112,7 +130,9 @@ def find_resume_checkpoint(cfg: TrainConfig, out: Path) -> Path | None:
     if cfg.resume_from_checkpoint:
         ckpt = Path(cfg.resume_from_checkpoint).expanduser()
         if not (ckpt / CHECKPOINT_MARKER).is_file():
-            raise LorakitError(f"--resume_from_checkpoint {ckpt}: not a complete lorakit checkpoint (no {CHECKPOINT_MARKER})")
+            raise LorakitError(
+                f"--resume_from_checkpoint {ckpt}: not a complete lorakit checkpoint (no {CHECKPOINT_MARKER})"
+            )
         return ckpt
     if cfg.resume:
         found = complete_checkpoints(out)
@@ -156,7 +176,9 @@ def _trainer_class():
                 state_file = staged / "trainer_state.json"
                 if state_file.is_file():  # paths recorded while writing point into the staging dir
                     state_file.write_text(state_file.read_text().replace(stage_root, real_out))
-                atomic_write_json(staged / CHECKPOINT_MARKER, {**self.lorakit_marker, "step": self.state.global_step})
+                atomic_write_json(
+                    staged / CHECKPOINT_MARKER, {**self.lorakit_marker, "step": self.state.global_step}
+                )
                 final = Path(real_out) / name
                 if final.exists():
                     shutil.rmtree(final)
@@ -165,9 +187,13 @@ def _trainer_class():
                 self.args.output_dir = real_out
                 shutil.rmtree(stage_root, ignore_errors=True)
             if self.state.best_model_checkpoint and stage_root in self.state.best_model_checkpoint:
-                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(stage_root, real_out)
+                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
+                    stage_root, real_out
+                )
             if self.args.should_save:
-                rotate_checkpoints(real_out, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=False)
+                rotate_checkpoints(
+                    real_out, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=False
+                )
 
     return LorakitTrainer
 
@@ -197,10 +223,17 @@ def _nonfinite_guard(max_steps: int):
             for p in params:
                 p.grad = None
             self.consecutive += 1
-            event = {"step": state.global_step + 1, "rows": sources, "kind": "loss" if sources else "gradient"}
+            event = {
+                "step": state.global_step + 1,
+                "rows": sources,
+                "kind": "loss" if sources else "gradient",
+            }
             self.events.append(event)
-            print(f"lorakit: warning: non-finite {event['kind']} at step {event['step']}; step skipped"
-                  + (f" (rows: {', '.join(sources[:8])})" if sources else ""), flush=True)
+            print(
+                f"lorakit: warning: non-finite {event['kind']} at step {event['step']}; step skipped"
+                + (f" (rows: {', '.join(sources[:8])})" if sources else ""),
+                flush=True,
+            )
             if self.consecutive >= max_steps:
                 self.diverged = True
                 self.trainer.block_saves = True  # keep the last good checkpoint as the newest
@@ -213,8 +246,11 @@ def _nonfinite_guard(max_steps: int):
 def _is_oom(e: BaseException) -> bool:
     import torch
 
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower()) or (
-        isinstance(e, RuntimeError) and "can't allocate memory" in str(e).lower())
+    return (
+        isinstance(e, torch.OutOfMemoryError)
+        or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+        or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e).lower())
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,24 +263,42 @@ def load_training_model(cfg: TrainConfig, base, precision: str):
     cuda = torch.cuda.is_available()
     # Frozen base weights in the half dtype on GPU; on CPU fp32 weights with bf16 autocast,
     # which runs as fast as bf16 weights here and keeps the frozen weights exact.
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32) if cuda else torch.float32
+    dtype = (
+        {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        if cuda
+        else torch.float32
+    )
     quantization = None
     if cfg.load_in_4bit or cfg.load_in_8bit:
         try:
             import bitsandbytes  # noqa: F401
             from transformers import BitsAndBytesConfig
         except ImportError:
-            raise LorakitError("--load_in_4bit/--load_in_8bit need bitsandbytes: pip install 'lorakit[quant]'") from None
-        compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(cfg.bnb_4bit_compute_dtype)
+            raise LorakitError(
+                "--load_in_4bit/--load_in_8bit need bitsandbytes: pip install 'lorakit[quant]'"
+            ) from None
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+            cfg.bnb_4bit_compute_dtype
+        )
         if compute is None:  # auto
-            compute = dtype if cuda and dtype != torch.float32 else (torch.bfloat16 if not cuda and cpu_supports_bf16() else torch.float32)
+            compute = (
+                dtype
+                if cuda and dtype != torch.float32
+                else (torch.bfloat16 if not cuda and cpu_supports_bf16() else torch.float32)
+            )
             if cuda and compute == torch.float32:
                 compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         quantization = BitsAndBytesConfig(
-            load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=compute)
+            load_in_4bit=cfg.load_in_4bit,
+            load_in_8bit=cfg.load_in_8bit,
+            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=compute,
+        )
     try:
-        model = load_model(base, dtype=dtype, trust_remote_code=cfg.trust_remote_code, quantization_config=quantization)
+        model = load_model(
+            base, dtype=dtype, trust_remote_code=cfg.trust_remote_code, quantization_config=quantization
+        )
     except (RuntimeError, ValueError, ImportError) as e:
         if quantization is None:
             raise
@@ -256,8 +310,11 @@ def load_training_model(cfg: TrainConfig, base, precision: str):
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     return model
 
 
@@ -265,12 +322,22 @@ def add_lora(cfg: TrainConfig, model):
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.target_modules[0] if cfg.target_modules == ["all-linear"] else cfg.target_modules
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-                      bias="none", task_type="CAUSAL_LM", use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+    )
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:
-        raise LorakitError(f"--target_modules {','.join(cfg.target_modules)}: {str(e).splitlines()[0]}") from None
+        raise LorakitError(
+            f"--target_modules {','.join(cfg.target_modules)}: {str(e).splitlines()[0]}"
+        ) from None
     if cfg.gradient_checkpointing and not (cfg.load_in_4bit or cfg.load_in_8bit):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -342,11 +409,23 @@ def manifest(cfg: TrainConfig, base, fp: dict, report: DataReport, started: floa
         except md.PackageNotFoundError:
             pass
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip() or None
+        rev = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         rev = None
-    hardware = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()}
+    hardware = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         hardware["gpu"] = torch.cuda.get_device_name(0)
     return {
@@ -358,9 +437,15 @@ def manifest(cfg: TrainConfig, base, fp: dict, report: DataReport, started: floa
         "seed": cfg.seed,
         "data_sha256": fp["data_sha256"],
         "chat_template_sha256": fp["chat_template_sha256"],
-        "data": {"rows": report.rows, "train_rows": report.kept, "validation_rows": report.val_rows,
-                 "duplicates": len(report.duplicates), "dropped_overlength": len(report.dropped_overlength),
-                 "truncated": len(report.truncated), "skipped": len(report.skipped)},
+        "data": {
+            "rows": report.rows,
+            "train_rows": report.kept,
+            "validation_rows": report.val_rows,
+            "duplicates": len(report.duplicates),
+            "dropped_overlength": len(report.dropped_overlength),
+            "truncated": len(report.truncated),
+            "skipped": len(report.skipped),
+        },
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "ended": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **extra,
@@ -374,9 +459,13 @@ def train(cfg: TrainConfig) -> Path:
     resuming = cfg.resume or bool(cfg.resume_from_checkpoint)
     if not resuming and not cfg.overwrite:
         if (out / "adapter_config.json").exists():
-            raise LorakitError(f"{out} already holds an adapter: pass --overwrite or choose another --output_dir")
+            raise LorakitError(
+                f"{out} already holds an adapter: pass --overwrite or choose another --output_dir"
+            )
         if complete_checkpoints(out):
-            raise LorakitError(f"{out} holds checkpoints of an unfinished run: pass --resume to continue it, or --overwrite")
+            raise LorakitError(
+                f"{out} holds checkpoints of an unfinished run: pass --resume to continue it, or --overwrite"
+            )
     from .data import load_samples
 
     load_samples(cfg)  # check the data (fast, no tokenizer) before spending time on imports and the model
@@ -392,14 +481,18 @@ def train(cfg: TrainConfig) -> Path:
     examples, val_examples, report = prepare_data(cfg, tokenizer)
     print(f"lorakit: data {cfg.dataset or 'demo'}: {report.summary()}", flush=True)
     if cfg.early_stopping_patience and not val_examples:
-        raise LorakitError("--early_stopping_patience needs validation data: add --val_size 0.1 or --val_dataset FILE")
+        raise LorakitError(
+            "--early_stopping_patience needs validation data: add --val_size 0.1 or --val_dataset FILE"
+        )
     fp = fingerprint(cfg, examples, val_examples, tokenizer.chat_template)
     checkpoint = find_resume_checkpoint(cfg, out)
     if checkpoint is not None:
         saved = json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
         changes = fingerprint_changes(saved.get("fingerprint", {}), fp)
         if changes and not cfg.resume_ignore_changes:
-            raise LorakitError(f"cannot resume from {checkpoint}: {'; '.join(changes)} (pass --resume_ignore_changes to resume anyway)")
+            raise LorakitError(
+                f"cannot resume from {checkpoint}: {'; '.join(changes)} (pass --resume_ignore_changes to resume anyway)"
+            )
         print(f"lorakit: resuming from {checkpoint}", flush=True)
     elif cfg.overwrite:
         for old in out.glob("checkpoint-*"):
@@ -408,7 +501,10 @@ def train(cfg: TrainConfig) -> Path:
     set_seed(cfg.seed)
     model = add_lora(cfg, load_training_model(cfg, base, precision))
     trainable, total = model.get_nb_trainable_parameters()
-    print(f"lorakit: trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}", flush=True)
+    print(
+        f"lorakit: trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
+        flush=True,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(cfg, out)
@@ -420,7 +516,9 @@ def train(cfg: TrainConfig) -> Path:
     signals.install()
     try:
         while True:
-            run_cfg = dataclasses.replace(cfg, batch_size=batch_size, gradient_accumulation_steps=accumulation)
+            run_cfg = dataclasses.replace(
+                cfg, batch_size=batch_size, gradient_accumulation_steps=accumulation
+            )
             micro_batches = math.ceil(len(examples) / batch_size)
             steps_per_epoch = max(1, math.ceil(micro_batches / accumulation))
             total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
@@ -429,9 +527,15 @@ def train(cfg: TrainConfig) -> Path:
             callbacks = [metrics, Progress(), health, signals, guard, LossCurve(out)]
             if cfg.early_stopping_patience:
                 callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-            trainer = _trainer_class()(model=model, args=args, train_dataset=examples, eval_dataset=val_examples or None,
-                                       data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
-                                       callbacks=callbacks)
+            trainer = _trainer_class()(
+                model=model,
+                args=args,
+                train_dataset=examples,
+                eval_dataset=val_examples or None,
+                data_collator=Collator(tokenizer.pad_token_id),
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
             trainer.remove_callback(PrinterCallback)
             trainer.lorakit_marker = {"fingerprint": fp}
             guard.trainer = trainer
@@ -453,10 +557,18 @@ def train(cfg: TrainConfig) -> Path:
                 if step > 0:  # weights and optimizer are those after the last completed step
                     trainer._save_checkpoint(trainer.model, None)
                     checkpoint = out / f"checkpoint-{step}"
-                backoffs.append({"step": step, "batch_size": batch_size // 2, "gradient_accumulation_steps": accumulation * 2})
-                print(f"lorakit: out of memory at step {step}: batch_size {batch_size} -> {batch_size // 2}, "
-                      f"gradient_accumulation_steps {accumulation} -> {accumulation * 2} (same effective batch); continuing",
-                      flush=True)
+                backoffs.append(
+                    {
+                        "step": step,
+                        "batch_size": batch_size // 2,
+                        "gradient_accumulation_steps": accumulation * 2,
+                    }
+                )
+                print(
+                    f"lorakit: out of memory at step {step}: batch_size {batch_size} -> {batch_size // 2}, "
+                    f"gradient_accumulation_steps {accumulation} -> {accumulation * 2} (same effective batch); continuing",
+                    flush=True,
+                )
                 metrics.append({"step": step, "oom_backoff": backoffs[-1]})
                 batch_size, accumulation = batch_size // 2, accumulation * 2
                 _free_memory()
@@ -473,7 +585,9 @@ def train(cfg: TrainConfig) -> Path:
         "train_loss": result.training_loss,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
         "tokens_seen": state.num_input_tokens_seen,
-        "tokens_per_second": round(state.num_input_tokens_seen / max(result.metrics.get("train_runtime", 1e-9), 1e-9), 1),
+        "tokens_per_second": round(
+            state.num_input_tokens_seen / max(result.metrics.get("train_runtime", 1e-9), 1e-9), 1
+        ),
         "eval_loss": evals[-1] if evals else None,
         "best_eval_loss": state.best_metric,
         "best_checkpoint": state.best_model_checkpoint,
@@ -492,13 +606,17 @@ def train(cfg: TrainConfig) -> Path:
         raise TrainingDiverged(
             f"training diverged: {cfg.max_nonfinite_steps} consecutive steps with a non-finite loss or gradient "
             f"(rows: {', '.join(guard.events[-1]['rows'][:5]) or 'see metrics.jsonl'}); "
-            f"last good checkpoint: {last[-1] if last else 'none'}; lower --learning_rate or check those rows")
+            f"last good checkpoint: {last[-1] if last else 'none'}; lower --learning_rate or check those rows"
+        )
     if signals.signum is not None:
         metrics.append({**summary, "status": "interrupted"})
         plot_loss_curve(out)
         last = complete_checkpoints(out)
-        print(f"lorakit: stopped at step {state.global_step}; checkpoint {last[-1] if last else '-'}; "
-              f"continue with: lorakit train --config {out / 'lorakit.yaml'} --resume", flush=True)
+        print(
+            f"lorakit: stopped at step {state.global_step}; checkpoint {last[-1] if last else '-'}; "
+            f"continue with: lorakit train --config {out / 'lorakit.yaml'} --resume",
+            flush=True,
+        )
         raise SystemExit(128 + signals.signum)
     metrics.append({**summary, "status": "finished"})
     plot_loss_curve(out)
@@ -506,10 +624,19 @@ def train(cfg: TrainConfig) -> Path:
         trainer.model.save_pretrained(tmp, safe_serialization=True)  # the best one with early stopping
         tokenizer.save_pretrained(tmp)
         write_yaml(final_cfg, tmp)
-        atomic_write_json(tmp / "manifest.json", manifest(final_cfg, base, fp, report, started, status="finished",
-                                                            final_metrics=summary))
-    restored = f", restored best step {state.best_model_checkpoint.rsplit('-', 1)[-1]}" if cfg.early_stopping_patience and state.best_model_checkpoint else ""
-    print(f"lorakit: adapter written to {out} (loss {result.training_loss:.4f}, {summary['tokens_per_second']} tokens/s{restored})", flush=True)
+        atomic_write_json(
+            tmp / "manifest.json",
+            manifest(final_cfg, base, fp, report, started, status="finished", final_metrics=summary),
+        )
+    restored = (
+        f", restored best step {state.best_model_checkpoint.rsplit('-', 1)[-1]}"
+        if cfg.early_stopping_patience and state.best_model_checkpoint
+        else ""
+    )
+    print(
+        f"lorakit: adapter written to {out} (loss {result.training_loss:.4f}, {summary['tokens_per_second']} tokens/s{restored})",
+        flush=True,
+    )
     return out
 
 

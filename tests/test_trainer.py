@@ -1,0 +1,368 @@
+"""The trainer for unattended runs: exact resume, signals, checkpoints, early stopping, NaN guard,
+out-of-memory backoff, QLoRA, monitoring outputs."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.config import TrainConfig
+from lorakit.errors import LorakitError
+from lorakit.train import CHECKPOINT_MARKER, complete_checkpoints, train
+
+from .conftest import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rows = [
+        {"instruction": f"Assemble {i}.", "input": f"LDA #${i:02X}", "output": f"A9 {i:02X}"}
+        for i in range(64)
+    ]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "d.jsonl", rows)
+
+
+def run_args(base, data, out, *extra):
+    return [
+        "--base_model",
+        str(base),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "40",
+        "--save_steps",
+        "5",
+        "--batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--lora_dropout",
+        "0.1",
+        "--logging_steps",
+        "1",
+        "--warmup_steps",
+        "0",
+        "--lora_r",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        *extra,
+    ]
+
+
+def lorakit(*args, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "lorakit", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def wait_for(path, proc, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        if path.exists():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def adapters_equal(a, b):
+    ta, tb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, tiny_llama, data):
+    """Bit-identical on CPU: same data order (sampler state), RNG states (LoRA dropout is on),
+    optimizer and scheduler state are all restored from the checkpoint."""
+    full = lorakit(*run_args(tiny_llama, data, tmp_path / "full"))
+    assert full.wait(300) == 0, full.stdout.read()[-2000:]
+    killed = lorakit(*run_args(tiny_llama, data, tmp_path / "killed"))
+    assert wait_for(tmp_path / "killed" / "checkpoint-10" / CHECKPOINT_MARKER, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists(), "killed before the end"
+    resumed = lorakit(*run_args(tiny_llama, data, tmp_path / "killed", "--resume"))
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log[-2000:]
+    assert "resuming from" in log
+    assert adapters_equal(tmp_path / "full", tmp_path / "killed")
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x and '"summary"' not in x
+    ]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) == 40  # no duplicated or missing steps
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_loadable_checkpoint(tmp_path, tiny_llama, data):
+    proc = lorakit(
+        *run_args(tiny_llama, data, tmp_path / "o", "--save_steps", "1000", "--max_steps", "100000")
+    )
+    assert wait_for(tmp_path / "o" / "metrics.jsonl", proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, log[-2000:]
+    assert "Traceback" not in log and "--resume" in log
+    [ckpt] = complete_checkpoints(tmp_path / "o")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(ckpt))
+    assert any("lora_" in n for n, _ in model.named_parameters())
+    assert json.loads((ckpt / CHECKPOINT_MARKER).read_text())["step"] == int(ckpt.name.split("-")[1])
+
+
+def base_cfg(base, data, out, **kw):
+    settings = dict(
+        base_model=str(base),
+        dataset=str(data),
+        output_dir=str(out),
+        max_steps=12,
+        save_steps=4,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        lora_r=4,
+        lora_dropout=0.0,
+        warmup_steps=0,
+        logging_steps=1,
+        learning_rate=1e-3,
+    )
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def test_partial_checkpoint_is_never_resumed(tmp_path, tiny_llama, data):
+    out = train(base_cfg(tiny_llama, data, tmp_path / "o", max_steps=8))
+    good = complete_checkpoints(out)[-1]
+    # A newer checkpoint directory cut short by a crash: no marker written.
+    partial = out / "checkpoint-999"
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"\0" * 10)
+    assert complete_checkpoints(out)[-1] == good
+    # No temporary checkpoint directories are left after a normal run.
+    assert not list(out.glob(".checkpoint-*"))
+
+
+def test_resume_refuses_changed_settings_and_data(tmp_path, tiny_llama, data):
+    out = tmp_path / "o"
+    cfg = base_cfg(tiny_llama, data, out, max_steps=4)
+    train(cfg)
+    with pytest.raises(LorakitError, match=r"'lora_r' changed from 4 to 8.*--resume_ignore_changes"):
+        train(base_cfg(tiny_llama, data, out, max_steps=8, lora_r=8, resume=True))
+    other = write_jsonl(
+        tmp_path / "other.jsonl",
+        [{"instruction": "x", "output": "y"}] * 1 + [{"instruction": "z", "output": "w"}],
+    )
+    with pytest.raises(LorakitError, match="the dataset .* changed"):
+        train(base_cfg(tiny_llama, other, out, max_steps=4, resume=True))
+    with pytest.raises(LorakitError, match="'system_prompt' changed"):
+        train(base_cfg(tiny_llama, data, out, max_steps=4, resume=True, system_prompt="Another."))
+
+
+def test_unfinished_run_needs_resume_or_overwrite(tmp_path, tiny_llama, data):
+    out = tmp_path / "o"
+    train(base_cfg(tiny_llama, data, out, max_steps=4))
+    (out / "adapter_config.json").unlink()  # as if the run had stopped before the end
+    with pytest.raises(LorakitError, match="unfinished run: pass --resume"):
+        train(base_cfg(tiny_llama, data, out, max_steps=4))
+
+
+def test_early_stopping_restores_best_checkpoint(tmp_path, tiny_llama, data):
+    # A learning rate far too high makes validation loss rise after the first evaluations.
+    out = train(
+        base_cfg(
+            tiny_llama,
+            data,
+            tmp_path / "o",
+            max_steps=60,
+            learning_rate=0.3,
+            val_size=0.25,
+            eval_steps=2,
+            early_stopping_patience=2,
+            save_total_limit=10,
+        )
+    )
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and not r.get("summary")]
+    summary = rows[-1]
+    best_step, best = min(evals, key=lambda e: e[1])
+    assert summary["steps"] < 60, "stopped early"
+    assert summary["best_checkpoint"].endswith(f"checkpoint-{best_step}")
+    # The final adapter is the best checkpoint's, not the last step's.
+    assert adapters_equal(out, out / f"checkpoint-{best_step}")
+    assert evals[-1][1] > best
+
+
+def poison_embeddings(monkeypatch, when):
+    """Make the model's own forward produce NaN on the training calls `when(call_number, model)` selects."""
+    import lorakit.train as lt
+
+    real = lt.add_lora
+    calls = {"n": 0}
+
+    def add_lora(cfg, model):
+        model = real(cfg, model)
+
+        def hook(module, args, output):
+            if module.training:
+                calls["n"] += 1
+                if when(calls["n"]):
+                    return output * float("nan")
+            return output
+
+        model.get_input_embeddings().register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(lt, "add_lora", add_lora)
+
+
+def test_nan_guard_skips_the_step_and_names_rows(tmp_path, tiny_llama, data, monkeypatch):
+    poison_embeddings(monkeypatch, lambda n: n == 3)  # the third micro-batch = optimizer step 3
+    out = train(base_cfg(tiny_llama, data, tmp_path / "o", max_steps=6))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = rows[-1]
+    [event] = summary["nonfinite_steps"]
+    assert event["step"] == 3 and event["kind"] == "loss"
+    assert len(event["rows"]) == 4 and all(r.startswith(str(data) + ":") for r in event["rows"])  # file:line
+    assert summary["steps"] == 6 and summary["status"] == "finished"
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in adapter.values())
+
+
+def test_nan_guard_step_changes_nothing(tmp_path, tiny_llama, data, monkeypatch):
+    """A skipped step leaves the weights exactly as they were (AdamW skips params without grads)."""
+    poison_embeddings(monkeypatch, lambda n: n == 5)
+    out = train(base_cfg(tiny_llama, data, tmp_path / "o", max_steps=5, save_steps=1, save_total_limit=10))
+    assert adapters_equal(out / "checkpoint-4", out / "checkpoint-5")
+    assert not adapters_equal(out / "checkpoint-3", out / "checkpoint-4")
+
+
+def test_nan_guard_stops_after_consecutive_hits(tmp_path, tiny_llama, data, monkeypatch):
+    poison_embeddings(monkeypatch, lambda n: n > 4)
+    # Steps 5, 6 and 7 are poisoned: each is skipped, the run stops after the third; the checkpoint
+    # at step 6 holds the weights of step 4 (skipped steps change nothing) and none is written at 7.
+    with pytest.raises(
+        LorakitError, match="training diverged: 3 consecutive steps.*last good checkpoint: .*checkpoint-6"
+    ):
+        train(base_cfg(tiny_llama, data, tmp_path / "o", max_steps=20, save_steps=2, save_total_limit=10))
+    [*_, before, last] = complete_checkpoints(tmp_path / "o")
+    assert (before.name, last.name) == ("checkpoint-4", "checkpoint-6")
+    assert adapters_equal(before, last)
+    assert all(torch.isfinite(v).all() for v in load_file(last / "adapter_model.safetensors").values())
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+def test_oom_backoff_keeps_effective_batch_and_finishes(tmp_path, tiny_llama, data, monkeypatch):
+    import lorakit.monitor as mon
+
+    seen = []
+
+    class OOMAtStep3(mon.HealthWatch):
+        def on_step_begin(self, args, state, control, **kw):
+            seen.append(
+                (state.global_step, args.per_device_train_batch_size, args.gradient_accumulation_steps)
+            )
+            if state.global_step == 3 and args.per_device_train_batch_size > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(mon, "HealthWatch", OOMAtStep3)
+    out = train(
+        base_cfg(tiny_llama, data, tmp_path / "o", max_steps=8, batch_size=4, gradient_accumulation_steps=2)
+    )
+    summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["steps"] == 8 and summary["status"] == "finished"
+    assert [(b["batch_size"], b["gradient_accumulation_steps"]) for b in summary["oom_backoffs"]] == [
+        (2, 4),
+        (1, 8),
+    ]
+    assert all(bs * ga == 8 for _, bs, ga in seen)  # the effective batch never changed
+    assert seen[-1][1:] == (1, 8) and min(s for s, bs, _ in seen if bs == 1) == 3  # continued from step 3
+
+
+def test_oom_at_batch_one_gives_advice(tmp_path, tiny_llama, data, monkeypatch):
+    import lorakit.monitor as mon
+
+    class AlwaysOOM(mon.HealthWatch):
+        def on_step_begin(self, args, state, control, **kw):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(mon, "HealthWatch", AlwaysOOM)
+    with pytest.raises(
+        LorakitError, match="out of memory at step 0 with batch_size 1: use --gradient_checkpointing"
+    ):
+        train(base_cfg(tiny_llama, data, tmp_path / "o", batch_size=2))
+
+
+def test_tensorboard_events_have_train_and_eval_loss(tmp_path, tiny_llama, data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = train(base_cfg(tiny_llama, data, tmp_path / "o", max_steps=4, val_size=8, eval_steps=2))
+    [run] = list((out / "runs").iterdir())
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "eval/loss" in tags
+    assert len(acc.Scalars("eval/loss")) == 2
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in (
+        "config",
+        "versions",
+        "hardware",
+        "data_sha256",
+        "chat_template_sha256",
+        "seed",
+        "started",
+        "ended",
+        "final_metrics",
+    ):
+        assert key in manifest
+    assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"][
+        "torch"
+    ].startswith("2.")
+
+
+def test_rslora_and_dora_switches(tmp_path, tiny_llama, data):
+    out = train(base_cfg(tiny_llama, data, tmp_path / "o", max_steps=2, use_rslora=True, use_dora=True))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] and cfg["use_dora"]
+    assert any("lora_magnitude_vector" in k for k in load_file(out / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
+def test_quantized_base_trains_on_this_machine(tmp_path, tiny_llama, data, flag, monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import lorakit.train as lt
+
+    real, layers = lt.load_training_model, []
+
+    def spy(cfg, base, precision):
+        model = real(cfg, base, precision)
+        layers.extend(
+            type(m) for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+        )
+        return model
+
+    monkeypatch.setattr(lt, "load_training_model", spy)
+    out = train(base_cfg(tiny_llama, data, tmp_path / "o", max_steps=3, **{flag: True}))
+    assert len(layers) == 14  # 7 projections x 2 layers really are quantized
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    # The adapter trained on a quantized base loads onto the plain base.
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(out))
