@@ -366,3 +366,41 @@ def test_quantized_base_trains_on_this_machine(tmp_path, tiny_llama, data, flag,
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
     # The adapter trained on a quantized base loads onto the plain base.
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(out))
+
+
+class _State:
+    def __init__(self, step):
+        self.global_step = step
+
+
+def test_health_warnings(capsys):
+    from lorakit.monitor import HealthWatch
+
+    flat = HealthWatch(no_progress_steps=10)
+    for step in range(1, 13):
+        flat.on_log(None, _State(step), None, logs={"loss": 2.0 + 0.01 * (step % 2)})
+    assert "has not fallen after 10 steps" in capsys.readouterr().out and "lorakit data check" in flat.messages[0]
+
+    falling = HealthWatch(no_progress_steps=10)
+    for step in range(1, 13):
+        falling.on_log(None, _State(step), None, logs={"loss": 2.0 / step})
+    assert not falling.messages
+
+    over = HealthWatch(no_progress_steps=0)
+    for step, (train_loss, val) in enumerate([(2.0, 1.9), (1.5, 1.6), (1.0, 1.7), (0.5, 1.8)], start=1):
+        over.on_log(None, _State(step), None, logs={"loss": train_loss})
+        over.on_log(None, _State(step), None, logs={"eval_loss": val})
+    assert len(over.messages) == 1 and over.messages[0].startswith("overfitting: validation loss rose")
+
+
+def test_resume_refuses_changed_chat_template(tmp_path, tiny_llama, data):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    out = tmp_path / "o"
+    train(base_cfg(base, data, out, max_steps=4))
+    template = (base / "chat_template.jinja").read_text()
+    (base / "chat_template.jinja").write_text(template.replace("<|im_start|>", "<|im_start|> "))
+    with pytest.raises(LorakitError, match="the chat template changed"):
+        train(base_cfg(base, data, out, max_steps=4, resume=True))
