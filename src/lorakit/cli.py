@@ -16,6 +16,7 @@ from .config import (
     DataConvertConfig,
     DemoConfig,
     GenerateConfig,
+    PlanConfig,
     TrainConfig,
     add_arguments,
     resolve,
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     command("train", TrainConfig, "Train a LoRA adapter on a JSONL dataset.")
     g = command("generate", GenerateConfig, "Answer a prompt with a base model, optionally with an adapter.")
     g.add_argument("prompt", help="the user message")
+    command("plan", PlanConfig, "Plan memory and speed of a training run (same flags as train), or --fit it to a GPU.")
     command("models", None, "List the models usable offline and where they are cached.")
     data = sub.add_parser(
         "data", help="Check or convert a dataset.", description="Check or convert a dataset."
@@ -90,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
             prompt = args.pop("prompt")
             print(generate(resolve(GenerateConfig, args, config_file), prompt))
+        elif command == "plan":
+            from .plan import plan
+
+            plan(resolve(PlanConfig, args, config_file))
         elif command == "data":
             from .doctor import check, convert
 

@@ -331,6 +331,7 @@ def add_lora(cfg: TrainConfig, model):
         task_type="CAUSAL_LM",
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
+        modules_to_save=cfg.modules_to_save or None,
     )
     try:
         model = get_peft_model(model, lora)
