@@ -379,7 +379,10 @@ def test_health_warnings(capsys):
     flat = HealthWatch(no_progress_steps=10)
     for step in range(1, 13):
         flat.on_log(None, _State(step), None, logs={"loss": 2.0 + 0.01 * (step % 2)})
-    assert "has not fallen after 10 steps" in capsys.readouterr().out and "lorakit data check" in flat.messages[0]
+    assert (
+        "has not fallen after 10 steps" in capsys.readouterr().out
+        and "lorakit data check" in flat.messages[0]
+    )
 
     falling = HealthWatch(no_progress_steps=10)
     for step in range(1, 13):

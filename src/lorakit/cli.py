@@ -43,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     command("train", TrainConfig, "Train a LoRA adapter on a JSONL dataset.")
     g = command("generate", GenerateConfig, "Answer a prompt with a base model, optionally with an adapter.")
     g.add_argument("prompt", help="the user message")
-    command("plan", PlanConfig, "Plan memory and speed of a training run (same flags as train), or --fit it to a GPU.")
+    command(
+        "plan",
+        PlanConfig,
+        "Plan memory and speed of a training run (same flags as train), or --fit it to a GPU.",
+    )
     command("models", None, "List the models usable offline and where they are cached.")
     data = sub.add_parser(
         "data", help="Check or convert a dataset.", description="Check or convert a dataset."

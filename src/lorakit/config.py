@@ -91,7 +91,10 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         GUIDE_TARGET_MODULES,
         "Module names to adapt, or 'all-linear' for every linear layer but the output head.",
     )
-    modules_to_save: list[str] = opt([], "Modules trained in full and saved with the adapter (e.g. lm_head embed_tokens after adding tokens).")
+    modules_to_save: list[str] = opt(
+        [],
+        "Modules trained in full and saved with the adapter (e.g. lm_head embed_tokens after adding tokens).",
+    )
     use_rslora: bool = opt(
         False, "Rank-stabilised LoRA: scale by lora_alpha / sqrt(lora_r) instead of / lora_r."
     )
@@ -160,10 +163,16 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
 
 @dataclass
 class PlanConfig(TrainConfig):
-    gpu: str = opt("", "GPU to plan for by name (see `lorakit plan --list_gpus`), e.g. rtx4070tisuper, a100-80, h100.")
+    gpu: str = opt(
+        "", "GPU to plan for by name (see `lorakit plan --list_gpus`), e.g. rtx4070tisuper, a100-80, h100."
+    )
     gpu_memory: str = opt("", "GPU memory budget, e.g. 16GB or 24GiB (overrides --gpu's memory).")
-    fit: bool = opt(False, "Search rank, micro-batch, length, checkpointing and 8/4-bit for the fastest run that fits.")
-    utilization: float = opt(0.35, "Assumed fraction of the GPU's peak bf16 FLOP/s reached in training (for time estimates).")
+    fit: bool = opt(
+        False, "Search rank, micro-batch, length, checkpointing and 8/4-bit for the fastest run that fits."
+    )
+    utilization: float = opt(
+        0.35, "Assumed fraction of the GPU's peak bf16 FLOP/s reached in training (for time estimates)."
+    )
     list_gpus: bool = opt(False, "List the known GPUs and exit.")
 
 

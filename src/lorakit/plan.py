@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -93,7 +92,9 @@ def load_model_config(base_model: str, trust_remote_code: bool = False):
         data = json.loads(bundled.read_text())
         return AutoConfig.for_model(data.pop("model_type"), **data), f"bundled {bundled.name}"
     try:
-        return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code), f"hub {base_model}"
+        return AutoConfig.from_pretrained(
+            base_model, trust_remote_code=trust_remote_code
+        ), f"hub {base_model}"
     except (OSError, ValueError) as e:
         names = ", ".join(bundled_configs())
         raise LorakitError(
@@ -144,7 +145,9 @@ def live_bytes_counter():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     def storages(tree):
-        return [t.untyped_storage() for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+        return [
+            t.untyped_storage() for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)
+        ]
 
     class LiveBytes(TorchDispatchMode):
         def __init__(self):
@@ -194,8 +197,16 @@ def _flash_like_sdpa():
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if q.device.type != "meta":
-            return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                        enable_gqa=enable_gqa)
+            return real(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            )
         return FlashLike.apply(q, k, v)
 
     return real, sdpa
@@ -210,7 +221,11 @@ class _TracePatches:
         import torch.nn.functional as F
         import transformers.masking_utils as mu
 
-        self.saved = (mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices, F.scaled_dot_product_attention)
+        self.saved = (
+            mu._ignore_causal_mask_sdpa,
+            mu.find_packed_sequence_indices,
+            F.scaled_dot_product_attention,
+        )
         mu._ignore_causal_mask_sdpa = lambda *a, **k: True
         mu.find_packed_sequence_indices = lambda *a, **k: None
         F.scaled_dot_product_attention = _flash_like_sdpa()[1]
@@ -220,7 +235,9 @@ class _TracePatches:
         import torch.nn.functional as F
         import transformers.masking_utils as mu
 
-        mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices, F.scaled_dot_product_attention = self.saved
+        mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices, F.scaled_dot_product_attention = (
+            self.saved
+        )
 
 
 def step_peak_bytes(model, batch_size: int, seq_len: int) -> int:
@@ -262,14 +279,23 @@ def _cached(key: tuple, compute):
 
 
 def _lora_key(config, cfg: TrainConfig, dtype) -> tuple:
-    return (config.to_json_string(), cfg.lora_r, tuple(cfg.target_modules), cfg.use_dora, tuple(cfg.modules_to_save),
-            cfg.gradient_checkpointing, str(dtype))
+    return (
+        config.to_json_string(),
+        cfg.lora_r,
+        tuple(cfg.target_modules),
+        cfg.use_dora,
+        tuple(cfg.modules_to_save),
+        cfg.gradient_checkpointing,
+        str(dtype),
+    )
 
 
 def traced_peak(config, cfg: TrainConfig, dtype, batch_size: int, seq_len: int) -> int:
     """Step peak for the full depth, from traces at 1 and 2 layers (exactly linear in depth)."""
-    return _cached(("trace", *_lora_key(config, cfg, dtype), batch_size, seq_len),
-                   lambda: _traced_peak(config, cfg, dtype, batch_size, seq_len))
+    return _cached(
+        ("trace", *_lora_key(config, cfg, dtype), batch_size, seq_len),
+        lambda: _traced_peak(config, cfg, dtype, batch_size, seq_len),
+    )
 
 
 def _traced_peak(config, cfg: TrainConfig, dtype, batch_size: int, seq_len: int) -> int:
@@ -299,7 +325,11 @@ def weight_bytes(model, cfg: TrainConfig, dtype_bytes: int) -> tuple[int, int]:
     total = largest = 0
     seen: set[int] = set()
     for name, module in model.named_modules():
-        if "lora_" in name or not isinstance(module, torch.nn.Linear) or getattr(module, "weight", None) is None:
+        if (
+            "lora_" in name
+            or not isinstance(module, torch.nn.Linear)
+            or getattr(module, "weight", None) is None
+        ):
             continue
         if name.endswith("lm_head") or "modules_to_save" in name or "original_module" in name:
             continue
@@ -318,7 +348,7 @@ def weight_bytes(model, cfg: TrainConfig, dtype_bytes: int) -> tuple[int, int]:
         if module.bias is not None:
             seen.add(id(module.bias))
             total += module.bias.numel() * dtype_bytes
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if id(p) in seen or p.requires_grad:
             continue
         seen.add(id(p))
@@ -330,8 +360,11 @@ def linear_params(model) -> int:
     """Parameters of the base's linear layers (LM head included): 2 FLOPs each per token forward."""
     import torch
 
-    return sum(m.weight.numel() for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and "lora_" not in n and "modules_to_save" not in n)
+    return sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lora_" not in n and "modules_to_save" not in n
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,8 +437,15 @@ def sequence_lengths(cfg: TrainConfig) -> tuple[int, float, int | None, str]:
             train, _, _ = load_samples(cfg)
             tokenizer = load_tokenizer(resolve_base_model(cfg.base_model), cfg.trust_remote_code)
             report = DataReport()
-            examples = encode_samples(train, ChatFormat(tokenizer), cfg.max_seq_length, cfg.overlength, cfg.train_on,
-                                      report=report, skip_bad_rows=cfg.skip_bad_rows)
+            examples = encode_samples(
+                train,
+                ChatFormat(tokenizer),
+                cfg.max_seq_length,
+                cfg.overlength,
+                cfg.train_on,
+                report=report,
+                skip_bad_rows=cfg.skip_bad_rows,
+            )
             lengths = [len(e["input_ids"]) for e in examples]
             return max(lengths), sum(lengths) / len(lengths), len(lengths), f"longest row of {cfg.dataset}"
         except LorakitError as e:
@@ -423,17 +463,34 @@ def make_plan(cfg: PlanConfig, config=None, source: str = "", lengths=None) -> P
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     if cfg.load_in_4bit or cfg.load_in_8bit:
         # Non-quantized parts and activations run in the compute dtype (bf16 unless fp16/fp32 asked).
-        compute = cfg.bnb_4bit_compute_dtype if cfg.bnb_4bit_compute_dtype != "auto" else ("fp16" if cfg.fp16 else "bf16")
-        precision, dtype = compute, {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[compute]
+        compute = (
+            cfg.bnb_4bit_compute_dtype
+            if cfg.bnb_4bit_compute_dtype != "auto"
+            else ("fp16" if cfg.fp16 else "bf16")
+        )
+        precision, dtype = (
+            compute,
+            {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[compute],
+        )
     peak_len, mean_len, rows, len_source = lengths or sequence_lengths(cfg)
     full = _cached(("model", *_lora_key(config, cfg, dtype)), lambda: meta_peft_model(config, cfg, dtype))
     trainable, total = full.get_nb_trainable_parameters()
-    weights, dequant_temp = _cached(("weights", *_lora_key(config, cfg, dtype), cfg.load_in_4bit, cfg.load_in_8bit,
-                                     cfg.bnb_4bit_use_double_quant), lambda: weight_bytes(full, cfg, DTYPE_BYTES[precision]))
+    weights, dequant_temp = _cached(
+        (
+            "weights",
+            *_lora_key(config, cfg, dtype),
+            cfg.load_in_4bit,
+            cfg.load_in_8bit,
+            cfg.bnb_4bit_use_double_quant,
+        ),
+        lambda: weight_bytes(full, cfg, DTYPE_BYTES[precision]),
+    )
     step = traced_peak(config, cfg, dtype, cfg.batch_size, peak_len)
     grads = trainable * 4
     vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
-    logits = cfg.batch_size * peak_len * vocab * (DTYPE_BYTES[precision] + 4)  # logits + their fp32 upcast in the loss
+    logits = (
+        cfg.batch_size * peak_len * vocab * (DTYPE_BYTES[precision] + 4)
+    )  # logits + their fp32 upcast in the loss
     items = {
         "base weights": weights,
         "LoRA weights (fp32)": trainable * 4,
@@ -464,8 +521,22 @@ def make_plan(cfg: PlanConfig, config=None, source: str = "", lengths=None) -> P
     tps = (cfg.utilization * tflops * 1e12 / flops) if tflops else 0.0
     epoch = rows * mean_len / tps if (tps and rows) else None
     name = cfg.base_model or "SmolLM2-135M-Instruct (embedded)"
-    return Plan(name, source, precision, cfg.batch_size, peak_len, len_source, trainable, total, items, total_bytes,
-                tps, epoch, label, memory)
+    return Plan(
+        name,
+        source,
+        precision,
+        cfg.batch_size,
+        peak_len,
+        len_source,
+        trainable,
+        total,
+        items,
+        total_bytes,
+        tps,
+        epoch,
+        label,
+        memory,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,8 +560,13 @@ def fit(cfg: PlanConfig) -> tuple[PlanConfig | None, Plan | None, list[tuple[str
             b = cfg.batch_size
             while b >= 1:
                 if effective % b == 0:
-                    over = {**half, **quant, "gradient_checkpointing": gc, "batch_size": b,
-                            "gradient_accumulation_steps": effective // b}
+                    over = {
+                        **half,
+                        **quant,
+                        "gradient_checkpointing": gc,
+                        "batch_size": b,
+                        "gradient_accumulation_steps": effective // b,
+                    }
                     options.append((q_speed * g_speed * b / (b + 0.5), over))
                 b //= 2
     options.sort(key=lambda o: -o[0])
@@ -500,8 +576,13 @@ def fit(cfg: PlanConfig) -> tuple[PlanConfig | None, Plan | None, list[tuple[str
     for r in ranks:
         for length in lengths_try:
             for _, over in options:
-                candidate = dataclasses.replace(cfg, **over, lora_r=r, lora_alpha=cfg.lora_alpha * r / cfg.lora_r,
-                                                max_seq_length=min(cfg.max_seq_length, length))
+                candidate = dataclasses.replace(
+                    cfg,
+                    **over,
+                    lora_r=r,
+                    lora_alpha=cfg.lora_alpha * r / cfg.lora_r,
+                    max_seq_length=min(cfg.max_seq_length, length),
+                )
                 plan = make_plan(candidate, config, source, (length, min(mean_len, length), rows, len_source))
                 tried.append((_describe(over, r, length), plan))
                 if plan.fits:
@@ -511,7 +592,9 @@ def fit(cfg: PlanConfig) -> tuple[PlanConfig | None, Plan | None, list[tuple[str
 
 def _describe(over: dict, r: int, length: int) -> str:
     parts = [k for k in ("load_in_4bit", "load_in_8bit", "gradient_checkpointing") if over.get(k)]
-    return f"r={r} len={length} batch={over['batch_size']}x{over['gradient_accumulation_steps']} " + " ".join(parts)
+    return f"r={r} len={length} batch={over['batch_size']}x{over['gradient_accumulation_steps']} " + " ".join(
+        parts
+    )
 
 
 def smallest_gpu(cfg: PlanConfig, config, source, lengths) -> str | None:
@@ -562,13 +645,26 @@ def plan(cfg: PlanConfig) -> Plan | None:
         if chosen is None:
             config, source = load_model_config(cfg.base_model, cfg.trust_remote_code)
             lengths = sequence_lengths(cfg)
-            where = smallest_gpu(dataclasses.replace(cfg, load_in_4bit=True, gradient_checkpointing=True, batch_size=1,
-                                                     gradient_accumulation_steps=cfg.batch_size * cfg.gradient_accumulation_steps),
-                                 config, source, lengths)
-            raise LorakitError(f"nothing fits {budget(cfg)[0]} even in 4-bit with gradient checkpointing at micro-batch 1; "
-                               f"smallest GPU that would: {where or 'none listed (use several GPUs)'}")
+            where = smallest_gpu(
+                dataclasses.replace(
+                    cfg,
+                    load_in_4bit=True,
+                    gradient_checkpointing=True,
+                    batch_size=1,
+                    gradient_accumulation_steps=cfg.batch_size * cfg.gradient_accumulation_steps,
+                ),
+                config,
+                source,
+                lengths,
+            )
+            raise LorakitError(
+                f"nothing fits {budget(cfg)[0]} even in 4-bit with gradient checkpointing at micro-batch 1; "
+                f"smallest GPU that would: {where or 'none listed (use several GPUs)'}"
+            )
         _print_plan(console, result)
-        chosen_train = TrainConfig(**{f.name: getattr(chosen, f.name) for f in dataclasses.fields(TrainConfig)})
+        chosen_train = TrainConfig(
+            **{f.name: getattr(chosen, f.name) for f in dataclasses.fields(TrainConfig)}
+        )
         console.print(f"[bold]fastest configuration that fits[/] ({len(tried)} tried):")
         console.print(train_command(chosen_train), soft_wrap=True)
         return result
@@ -576,9 +672,13 @@ def plan(cfg: PlanConfig) -> Plan | None:
     _print_plan(console, result)
     if result.fits is False:
         config, source = load_model_config(cfg.base_model, cfg.trust_remote_code)
-        where = smallest_gpu(cfg, config, source, (result.seq_len, result.seq_len, None, result.seq_len_source))
-        console.print(f"smallest GPU for these settings: {where or 'none listed'}; `lorakit plan --fit` searches "
-                      "settings that fit this one")
+        where = smallest_gpu(
+            cfg, config, source, (result.seq_len, result.seq_len, None, result.seq_len_source)
+        )
+        console.print(
+            f"smallest GPU for these settings: {where or 'none listed'}; `lorakit plan --fit` searches "
+            "settings that fit this one"
+        )
     return result
 
 
@@ -592,12 +692,18 @@ def _print_plan(console, p: Plan) -> None:
         t.add_row(k, f"{v / GIB:.2f}", style="dim" if k.startswith("  ") else None)
     t.add_row("[bold]total[/]", f"[bold]{p.total_bytes / GIB:.2f}[/]")
     console.print(t)
-    console.print(f"trainable params: {p.trainable:,} || all params: {p.total:,} || trainable%: {100 * p.trainable / p.total:.4f}")
-    console.print(f"precision {p.precision}, micro-batch {p.batch_size} x {p.seq_len} tokens ({p.seq_len_source})")
+    console.print(
+        f"trainable params: {p.trainable:,} || all params: {p.total:,} || trainable%: {100 * p.trainable / p.total:.4f}"
+    )
+    console.print(
+        f"precision {p.precision}, micro-batch {p.batch_size} x {p.seq_len} tokens ({p.seq_len_source})"
+    )
     if p.tokens_per_second:
         eta = f", one epoch ~{p.epoch_seconds / 60:.1f} min" if p.epoch_seconds else ""
-        console.print(f"throughput estimate on {p.gpu}: ~{p.tokens_per_second:,.0f} tokens/s{eta} "
-                      "(at the assumed --utilization of peak bf16 FLOP/s)")
+        console.print(
+            f"throughput estimate on {p.gpu}: ~{p.tokens_per_second:,.0f} tokens/s{eta} "
+            "(at the assumed --utilization of peak bf16 FLOP/s)"
+        )
     if p.fits is not None:
         verdict = "[bold green]fits[/]" if p.fits else "[bold red]does not fit[/]"
         console.print(f"{verdict}: {p.total_bytes / GIB:.1f} GiB of {p.budget_bytes / GIB:.1f} GiB ({p.gpu})")
