@@ -181,6 +181,7 @@ def test_14b_fp16_does_not_fit_16gb_but_4bit_does():
     assert four.fits is True
 
 
+@pytest.mark.slow
 def test_fit_and_cli(tmp_path, capsys):
     from lorakit.cli import main
 
@@ -201,7 +202,11 @@ def test_fit_and_cli(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "fastest configuration that fits" in out and "--base_model Qwen2.5-7B" in out and out.count("lorakit train") == 1
+    assert (
+        "fastest configuration that fits" in out
+        and "--base_model Qwen2.5-7B" in out
+        and out.count("lorakit train") == 1
+    )
     assert main(["plan", "--base_model", "Qwen2.5-32B", "--gpu_memory", "8GB", "--fit"]) == 2
     assert "smallest GPU that would" in capsys.readouterr().err
     assert main(["plan", "--gpu", "rtx4070"]) == 2
@@ -215,3 +220,13 @@ def test_plan_uses_dataset_lengths(tmp_path, smol_dir):
     p = make_plan(PlanConfig(base_model=str(smol_dir), dataset=str(data), system_prompt="", lora_r=8))
     assert p.seq_len < 80 and "longest row" in p.seq_len_source
     json.dumps(p.to_json())
+
+
+def test_train_warns_before_a_run_that_will_not_fit(capsys):
+    from lorakit.train import memory_check
+
+    cfg = TrainConfig(base_model="Qwen2.5-14B", lora_r=64, fp16=True)
+    assert memory_check(cfg, [900, 1000, 300], 16 * 1024**3) is False
+    assert "planned to need" in capsys.readouterr().out
+    small = TrainConfig(base_model="SmolLM2-135M", lora_r=8, bf16=True)
+    assert memory_check(small, [100, 200], 80 * 1024**3) is True

@@ -15,7 +15,9 @@ from .config import (
     DataCheckConfig,
     DataConvertConfig,
     DemoConfig,
+    ExportConfig,
     GenerateConfig,
+    MergeConfig,
     PlanConfig,
     TrainConfig,
     add_arguments,
@@ -48,6 +50,22 @@ def _parser() -> argparse.ArgumentParser:
         PlanConfig,
         "Plan memory and speed of a training run (same flags as train), or --fit it to a GPU.",
     )
+    command("merge", MergeConfig, "Merge a LoRA adapter into its (de-quantized) base and verify the logits.")
+    export = sub.add_parser(
+        "export", help="Export to GGUF, Ollama or vLLM.", description="Export to GGUF, Ollama or vLLM."
+    )
+    export_sub = export.add_subparsers(dest="export_kind", metavar="TARGET", required=True)
+    for name, text in (
+        ("gguf", "Merged model (and LoRA adapter) as GGUF for llama.cpp / Ollama."),
+        ("ollama", "A Modelfile with the training chat template, stop tokens and sampling defaults."),
+        ("vllm", "The `vllm serve` command for the merged model or base + adapter."),
+        ("all", "Merge, then GGUF, Ollama and vLLM exports into one folder with a README."),
+    ):
+        sp = export_sub.add_parser(name, help=text, description=text, argument_default=argparse.SUPPRESS)
+        sp.add_argument(
+            "--config", metavar="YAML", help="YAML file with the same keys as the flags (flags win)"
+        )
+        add_arguments(sp, ExportConfig)
     command("models", None, "List the models usable offline and where they are cached.")
     data = sub.add_parser(
         "data", help="Check or convert a dataset.", description="Check or convert a dataset."
@@ -96,6 +114,15 @@ def main(argv: list[str] | None = None) -> int:
 
             prompt = args.pop("prompt")
             print(generate(resolve(GenerateConfig, args, config_file), prompt))
+        elif command == "merge":
+            from .merge import merge
+
+            merge(resolve(MergeConfig, args, config_file))
+        elif command == "export":
+            from .export import export
+
+            kind = args.pop("export_kind")
+            export(kind, resolve(ExportConfig, args, config_file))
         elif command == "plan":
             from .plan import plan
 

@@ -189,12 +189,46 @@ class DataConvertConfig(DataArgs, PromptArgs):
 
 
 @dataclass
-class GenerateConfig(ModelArgs, PromptArgs):
-    adapter: str = opt("", "Adapter directory written by `lorakit train` ('' = the base model alone).")
-    max_new_tokens: int = opt(256, "Most tokens to generate.")
-    temperature: float = opt(0.0, "Sampling temperature (0 = greedy decoding).")
+class SamplingArgs:
+    temperature: float = opt(0.3, "Sampling temperature (the guide's serving value; 0 = greedy decoding).")
     top_p: float = opt(0.9, "Nucleus sampling mass (used when temperature > 0).")
     top_k: int = opt(40, "Sample from the k most likely tokens (used when temperature > 0).")
+
+
+@dataclass
+class GenerateConfig(ModelArgs, PromptArgs, SamplingArgs):
+    adapter: str = opt("", "Adapter directory written by `lorakit train` ('' = the base model alone).")
+    max_new_tokens: int = opt(256, "Most tokens to generate.")
+
+
+@dataclass
+class MergeConfig(ModelArgs):
+    adapter: str = opt("", "Adapter directory written by `lorakit train`.")
+    output_dir: str = opt(
+        "outputs/merged", "Directory for the merged model (safetensors shards, tokenizer, generation config)."
+    )
+    overwrite: bool = opt(False, "Replace a non-empty output_dir.")
+    dtype: str = opt(
+        "auto",
+        "Dtype of the merged weights (auto: the training dtype, bf16 for a quantized base).",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
+    max_shard_size: str = opt("2GB", "Largest safetensors shard.")
+
+
+@dataclass
+class ExportConfig(MergeConfig, SamplingArgs):
+    model: str = opt("", "An already merged model directory (instead of --adapter).")
+    output_dir: str = opt("outputs/export", "Directory for the exported files.")
+    quant: str = opt("f16", "GGUF tensor type of the weights.", choices=("f32", "f16", "bf16", "q8_0"))
+    ollama_from: str = opt(
+        "gguf",
+        "What the Modelfile's FROM uses: the GGUF file, the merged directory, or the base plus a GGUF LoRA ADAPTER.",
+        choices=("gguf", "merged", "adapter"),
+    )
+    system: str = opt("", "SYSTEM of the Modelfile ('' = the system prompt the adapter was trained with).")
+    ollama_name: str = opt("lorakit-model", "Model name in the printed `ollama create` command.")
+    port: int = opt(8000, "Port in the printed `vllm serve` command.")
 
 
 @dataclass

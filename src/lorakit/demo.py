@@ -7,7 +7,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from .config import DemoConfig, TrainConfig, read_yaml
+from .config import DemoConfig, ExportConfig, TrainConfig, read_yaml
 from .data import demo_path, read_jsonl, row_to_messages
 from .evaluate import score
 from .generate import generate_batch, load_for_inference
@@ -61,6 +61,18 @@ def demo(cfg: DemoConfig) -> Path:
     }
     atomic_write_json(out / "demo.json", result)
     print(f"lorakit: timings {result['seconds']}; details in {out / 'demo.json'}")
+    from .export import export_ollama
+
+    # Where the tuned model goes next: a GGUF for llama.cpp and a Modelfile for Ollama.
+    export_ollama(
+        ExportConfig(
+            adapter=str(out),
+            output_dir=str(out / "export"),
+            quant="q8_0",
+            overwrite=True,
+            ollama_name="smollm2-snes",
+        )
+    )
     return out
 
 

@@ -98,8 +98,53 @@ def file_sha256(path: Path) -> str:
     return index[key]
 
 
+# Bumped when the conversion changes what it writes, so older cache entries are not reused.
+CONVERSION_VERSION = 2
+
+
 def gguf_cache_dir(gguf_path: Path) -> Path:
-    return lorakit_home() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}"
+    return lorakit_home() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}-v{CONVERSION_VERSION}"
+
+
+def pre_tokenizer_rule(name: str):
+    """The `tokenizers` pre-tokenizer for a llama.cpp pre-tokenizer name (None if not known)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from .export import PRE_TOKENIZER_REGEX
+
+    if name == "smollm":
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    if name == "gpt-2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if name in PRE_TOKENIZER_REGEX:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEX[name]), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    return None
+
+
+def fix_pre_tokenizer(tokenizer, gguf_path: Path) -> None:
+    """Give the HF tokenizer the split rule the GGUF's `tokenizer.ggml.pre` names.
+
+    transformers rebuilds a GGUF's BPE vocabulary with the plain GPT-2 split; llama.cpp splits
+    by the named rule (SmolLM splits every digit apart). Training must tokenize the way the
+    model will run, so the rule is restored here for the names whose rule is known.
+    """
+    import gguf
+
+    field = gguf.GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.pre")
+    rule = pre_tokenizer_rule(str(field.contents())) if field is not None else None
+    if rule is None:
+        return
+    tokenizer.backend_tokenizer.pre_tokenizer = rule
 
 
 def convert_gguf(gguf_path: str | Path) -> Path:
@@ -115,6 +160,7 @@ def convert_gguf(gguf_path: str | Path) -> Path:
     folder, fname = str(gguf_path.parent), gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        fix_pre_tokenizer(tokenizer, gguf_path)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     except Exception as e:  # the gguf reader raises many types for unsupported files
         raise LorakitError(

@@ -485,6 +485,10 @@ def train(cfg: TrainConfig) -> Path:
         raise LorakitError(
             "--early_stopping_patience needs validation data: add --val_size 0.1 or --val_dataset FILE"
         )
+    import torch
+
+    if torch.cuda.is_available():
+        memory_check(cfg, [len(e["input_ids"]) for e in examples], torch.cuda.mem_get_info()[1])
     fp = fingerprint(cfg, examples, val_examples, tokenizer.chat_template)
     checkpoint = find_resume_checkpoint(cfg, out)
     if checkpoint is not None:
@@ -639,6 +643,28 @@ def train(cfg: TrainConfig) -> Path:
         flush=True,
     )
     return out
+
+
+def memory_check(cfg: TrainConfig, lengths: list[int], gpu_bytes: int) -> bool:
+    """Run the planner for this exact run on this GPU; warn (and return False) when it will not fit."""
+    from .config import PlanConfig
+    from .plan import GIB, make_plan
+
+    try:
+        plan_cfg = PlanConfig(**dataclasses.asdict(cfg), gpu_memory=f"{gpu_bytes / GIB:.2f}GiB")
+        lengths_info = (max(lengths), sum(lengths) / len(lengths), len(lengths), "the training data")
+        p = make_plan(plan_cfg, lengths=lengths_info)
+    except Exception as e:  # the planner must never stop a run it cannot model
+        print(f"lorakit: memory plan skipped ({type(e).__name__}: {str(e)[:120]})", flush=True)
+        return True
+    if not p.fits:
+        print(
+            f"lorakit: warning: this run is planned to need {p.total_bytes / GIB:.1f} GiB but the GPU has "
+            f"{gpu_bytes / GIB:.1f} GiB; `lorakit plan --fit --gpu_memory {gpu_bytes / GIB:.0f}GiB` with the same flags "
+            "finds settings that fit (out-of-memory backoff will try smaller micro-batches)",
+            flush=True,
+        )
+    return bool(p.fits)
 
 
 def _free_memory() -> None:
