@@ -151,7 +151,7 @@ def test_gguf_loads_in_transformers_with_the_same_logits(request, tmp_path, fami
     from transformers import AutoModelForCausalLM
 
     base = request.getfixturevalue(family)
-    path = write_gguf(base, tmp_path / "m.gguf", "f32")
+    write_gguf(base, tmp_path / "m.gguf", "f32")
     ids = torch.tensor([[1, 50, 7000, 33, 2, 9, 120, 5]])
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
