@@ -12,13 +12,16 @@ import sys
 
 from . import __version__
 from .config import (
+    ChatConfig,
     DataCheckConfig,
     DataConvertConfig,
     DemoConfig,
+    EvalConfig,
     ExportConfig,
     GenerateConfig,
     MergeConfig,
     PlanConfig,
+    ServeConfig,
     TrainConfig,
     add_arguments,
     resolve,
@@ -49,6 +52,19 @@ def _parser() -> argparse.ArgumentParser:
         "plan",
         PlanConfig,
         "Plan memory and speed of a training run (same flags as train), or --fit it to a GPU.",
+    )
+    command(
+        "eval",
+        EvalConfig,
+        "Evaluate an adapter (or merged model) on held-out rows: loss, scores, stop rate, failures.",
+    )
+    command(
+        "chat", ChatConfig, "Chat with a model (and adapter) in the terminal: /reset, /system TEXT, /exit."
+    )
+    command(
+        "serve",
+        ServeConfig,
+        "OpenAI-compatible HTTP server for local use (chat/completions, completions, models).",
     )
     command("merge", MergeConfig, "Merge a LoRA adapter into its (de-quantized) base and verify the logits.")
     export = sub.add_parser(
@@ -114,6 +130,18 @@ def main(argv: list[str] | None = None) -> int:
 
             prompt = args.pop("prompt")
             print(generate(resolve(GenerateConfig, args, config_file), prompt))
+        elif command == "eval":
+            from .evaluate import evaluate
+
+            evaluate(resolve(EvalConfig, args, config_file))
+        elif command == "chat":
+            from .chat import chat
+
+            chat(resolve(ChatConfig, args, config_file))
+        elif command == "serve":
+            from .serve import serve
+
+            serve(resolve(ServeConfig, args, config_file))
         elif command == "merge":
             from .merge import merge
 

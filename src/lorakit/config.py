@@ -232,6 +232,41 @@ class ExportConfig(MergeConfig, SamplingArgs):
 
 
 @dataclass
+class EvalConfig(ModelArgs, DataArgs, PromptArgs):
+    adapter: str = opt("", "Adapter directory to evaluate (its base and chat template are used).")
+    model: str = opt("", "A merged model directory to evaluate instead of an adapter.")
+    output_dir: str = opt("outputs/eval", "Directory for eval.json, eval.md, eval.png and failures.jsonl.")
+    max_new_tokens: int = opt(256, "Most tokens generated per row (greedy decoding).")
+    eval_batch_size: int = opt(8, "Rows per batch for loss and generation.")
+    max_rows: int = opt(0, "Evaluate at most this many rows (0 = all).")
+    compare_base: bool = opt(
+        False, "Also evaluate the base model without the adapter and report the differences."
+    )
+    failures: int = opt(20, "Worst rows (by score and by loss) written to failures.jsonl.")
+
+
+@dataclass
+class ChatConfig(ModelArgs, PromptArgs, SamplingArgs):
+    adapter: str = opt("", "Adapter directory ('' = the base model alone).")
+    max_new_tokens: int = opt(512, "Most tokens per answer.")
+
+
+@dataclass
+class ServeConfig(ModelArgs, PromptArgs):
+    adapter: list[str] = opt(
+        [], "Adapters to serve as NAME=DIR (several share one base; the request's model picks one)."
+    )
+    host: str = opt("127.0.0.1", "Address to bind (127.0.0.1 = this machine only).")
+    port: int = opt(8000, "Port to listen on.")
+    api_key: str = opt("", "Require `Authorization: Bearer KEY` on every request ('' = no key).")
+    max_tokens_limit: int = opt(1024, "Largest max_tokens a request may ask for.")
+    max_request_bytes: int = opt(1_000_000, "Largest request body accepted (larger: HTTP 413).")
+    max_concurrent_requests: int = opt(
+        8, "Requests admitted at once (generation runs one at a time); more: HTTP 429."
+    )
+
+
+@dataclass
 class DemoConfig(TrainConfig):
     eval_dataset: str = opt(
         "", "Held-out JSONL file scored before and after training ('' = the bundled demo test split)."

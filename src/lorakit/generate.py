@@ -122,3 +122,93 @@ def generate(cfg: GenerateConfig, prompt: str) -> str:
         cfg.top_k,
     )
     return g.text
+
+
+def stream_tokens(
+    model,
+    input_ids: list[int],
+    stop: list[int],
+    pad: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+):
+    """Yield generated token ids one by one (generate runs in a thread; errors are re-raised here)."""
+    import queue
+    import threading
+
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    tokens: queue.Queue = queue.Queue()
+
+    class Streamer(BaseStreamer):
+        def __init__(self):
+            self.prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:  # generate() first hands over the prompt
+                self.prompt_seen = True
+                return
+            for t in value.view(-1).tolist():
+                tokens.put(t)
+
+        def end(self):
+            tokens.put(None)
+
+    failure: list[BaseException] = []
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+
+    def run():
+        try:
+            with torch.no_grad():
+                model.generate(
+                    input_ids=torch.tensor([input_ids], device=model.device),
+                    attention_mask=torch.ones((1, len(input_ids)), dtype=torch.long, device=model.device),
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stop,
+                    pad_token_id=pad,
+                    streamer=Streamer(),
+                    use_cache=True,
+                    **sampling,
+                )
+        except BaseException as e:  # surfaced in the caller's thread
+            failure.append(e)
+            tokens.put(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    while (t := tokens.get()) is not None:
+        yield t
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def stream_text(tokenizer, token_ids, stop: list[int]):
+    """Turn a token stream into text pieces; yields (piece, finished_reason or None).
+
+    Each piece is the new suffix of the decoded text so far; a piece that would end inside a
+    multi-byte character waits for the next token, so the pieces concatenate to the full decode.
+    """
+    ids: list[int] = []
+    emitted = ""
+    reason = "length"
+    for t in token_ids:
+        if t in stop:
+            reason = "stop"
+            break
+        ids.append(t)
+        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(emitted):
+            yield text[len(emitted) :], None
+            emitted = text
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    yield text[len(emitted) :], reason

@@ -1,0 +1,144 @@
+"""`lorakit eval` metrics (golden values), the stop rate, reports and failures; `lorakit chat`."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lorakit.config import EvalConfig, TrainConfig
+from lorakit.data import load_rows, to_samples
+from lorakit.evaluate import chrf, evaluate, exact_match, rouge_l, score, token_f1
+
+from .conftest import write_jsonl
+
+
+def test_golden_metric_values():
+    assert exact_match(" A9  12 ", "a9 12") == 1.0 and exact_match("A9 13", "A9 12") == 0.0
+    assert token_f1("the cat sat", "the cat sat on the mat") == pytest.approx(2 / 3)
+    assert token_f1("A9 12", "A9 12") == 1.0 and token_f1("xx", "A9 12") == 0.0
+    assert rouge_l("the cat sat", "the cat sat on the mat") == pytest.approx(2 / 3)  # LCS 3: P 1, R 1/2
+    assert rouge_l("mat the on", "the cat sat on the mat") == pytest.approx(
+        2 * (2 / 3) * (2 / 6) / (2 / 3 + 2 / 6)
+    )
+    assert chrf("LDA #$12", "LDA #$12") == pytest.approx(1.0) and chrf("zzz", "abc") == 0.0
+    assert 0 < chrf("LDA #$13", "LDA #$12") < 1
+    s = score(["A9 12", "xx"], ["A9 12", "A9 12"])
+    assert s["exact_match"] == 0.5 and s["token_f1"] == 0.5
+
+
+def constant_model(tmp_path, tiny_llama, eos: str):
+    """A model whose logits are all zero (final norm weight 0), so greedy decoding always picks
+    token 0 (<|endoftext|>). With eos set to that token it stops at once; otherwise never."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tmp_path / f"const-{eos.strip('<|>')}"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.eos_token = eos
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def test_rows(tmp_path):
+    return write_jsonl(
+        tmp_path / "test.jsonl",
+        [{"instruction": f"Assemble {i}.", "output": f"A9 {i:02X}"} for i in range(6)],
+    )
+
+
+def test_stop_rate_of_a_model_that_never_stops_and_one_that_always_does(tmp_path, tiny_llama, test_rows):
+    never = constant_model(tmp_path, tiny_llama, "<|im_end|>")
+    r = evaluate(
+        EvalConfig(
+            model=str(never), dataset=str(test_rows), max_new_tokens=5, output_dir=str(tmp_path / "e1")
+        )
+    )
+    assert r["tuned"]["stop_rate"] == 0.0 and r["tuned"]["mean_generated_tokens"] == 5
+    always = constant_model(tmp_path, tiny_llama, "<|endoftext|>")
+    r = evaluate(
+        EvalConfig(
+            model=str(always), dataset=str(test_rows), max_new_tokens=5, output_dir=str(tmp_path / "e2")
+        )
+    )
+    assert r["tuned"]["stop_rate"] == 1.0 and r["tuned"]["mean_generated_tokens"] == 0
+
+
+def test_eval_adapter_against_base_writes_reports(tmp_path, tiny_llama, test_rows):
+    from lorakit.train import train
+
+    data = write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"instruction": f"Assemble {i}.", "output": f"A9 {i:02X}"} for i in range(32)],
+    )
+    adapter = train(
+        TrainConfig(
+            base_model=str(tiny_llama),
+            dataset=str(data),
+            output_dir=str(tmp_path / "a"),
+            max_steps=8,
+            lora_r=8,
+            learning_rate=5e-2,
+            batch_size=8,
+            gradient_accumulation_steps=1,
+            warmup_steps=0,
+        )
+    )
+    out = tmp_path / "eval"
+    report = evaluate(
+        EvalConfig(
+            adapter=str(adapter),
+            dataset=str(test_rows),
+            compare_base=True,
+            max_new_tokens=4,
+            output_dir=str(out),
+            failures=3,
+        )
+    )
+    assert set(report) >= {"base", "tuned", "delta", "rows"}
+    assert report["tuned"]["loss"] < report["base"]["loss"]  # trained on the same kind of rows
+    assert report["delta"]["loss"] == pytest.approx(report["tuned"]["loss"] - report["base"]["loss"])
+    assert report["tuned"]["perplexity"] == pytest.approx(2.718281828 ** report["tuned"]["loss"], rel=1e-6)
+    assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| loss |" in (out / "eval.md").read_text()
+    failures = load_rows(str(out / "failures.jsonl"))
+    assert 3 <= len(failures) <= 6
+    samples, bad = to_samples(failures, "auto", "")
+    assert not bad and all(
+        s.messages[-1]["role"] == "assistant" for s in samples
+    )  # ready to fix and train on
+    assert all("generation" in row and "why" in row for _, row in failures)
+    assert json.loads((out / "eval.json").read_text())["rows"][0]["source"].endswith("test.jsonl:1")
+
+
+def test_chat_session(tmp_path, tiny_llama):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    script = "hello there\n/system Be brief.\nand again\n/reset\n/exit\n"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "chat",
+            "--base_model",
+            str(base),
+            "--max_new_tokens",
+            "4",
+            "--temperature",
+            "0",
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(system prompt set: Be brief.; conversation cleared)" in r.stdout
+    assert "(conversation cleared)" in r.stdout and r.stdout.count(">>> ") == 5
