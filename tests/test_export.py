@@ -379,3 +379,21 @@ def test_llama_cpp_matches_transformers(merged, tmp_path):
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(merged).eval()(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_llama_cpp_base_plus_lora_matches_peft(adapter, tiny_llama, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    write_gguf(tiny_llama, tmp_path / "base.gguf", "f32")
+    write_lora_gguf(adapter, tmp_path / "lora.gguf", tiny_llama)
+    llm = llama_cpp.Llama(str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "lora.gguf"), n_ctx=64, logits_all=True,
+                          verbose=False, type_k=0, type_v=0)
+    ids = [1, 50, 7000, 33, 9, 120]
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(adapter)).eval()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - want).max() < 1e-4

@@ -392,9 +392,9 @@ def _base_gguf(cfg: ExportConfig) -> str:
     return resolve_base_model(cfg.base_model or trained.base_model).gguf if cfg.adapter else ""
 
 
-def export_gguf(cfg: ExportConfig) -> Path:
+def export_gguf(cfg: ExportConfig, merged: Path | None = None) -> Path:
     out = Path(cfg.output_dir)
-    merged = _merged_dir(cfg, out)
+    merged = merged or _merged_dir(cfg, out)
     path = write_gguf(merged, out / f"model-{cfg.quant}.gguf", cfg.quant, _base_gguf(cfg))
     print(f"lorakit: wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return path
@@ -423,11 +423,12 @@ def export_ollama(cfg: ExportConfig) -> Path:
         from_line = f"./{merged.relative_to(out)}" if merged.is_relative_to(out) else str(merged.resolve())
         tokenizer = AutoTokenizer.from_pretrained(merged)
     else:
+        merged = _merged_dir(cfg, out)
         gguf_path = out / f"model-{cfg.quant}.gguf"
         if not gguf_path.is_file() or cfg.overwrite:
-            gguf_path = export_gguf(cfg)
+            gguf_path = export_gguf(cfg, merged)
         from_line = f"./{gguf_path.name}"
-        tokenizer = AutoTokenizer.from_pretrained(_merged_dir(cfg, out))
+        tokenizer = AutoTokenizer.from_pretrained(merged)
     path = atomic_write_text(out / "Modelfile", modelfile(from_line, tokenizer, system, cfg, adapter_line))
     print(
         f"lorakit: wrote {path}\n  cd {out} && ollama create {cfg.ollama_name} -f Modelfile && ollama run {cfg.ollama_name}"
@@ -471,9 +472,12 @@ def export_vllm(cfg: ExportConfig) -> Path:
 
 
 def export_all(cfg: ExportConfig) -> Path:
+    import dataclasses
+
     out = Path(cfg.output_dir)
-    _merged_dir(cfg, out)
-    export_gguf(cfg)
+    merged = _merged_dir(cfg, out)
+    export_gguf(cfg, merged)
+    cfg = dataclasses.replace(cfg, overwrite=False)  # reuse the merge and the GGUF just written
     export_ollama(cfg)
     if cfg.adapter:
         try:
