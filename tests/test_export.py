@@ -388,8 +388,15 @@ def test_llama_cpp_base_plus_lora_matches_peft(adapter, tiny_llama, tmp_path):
 
     write_gguf(tiny_llama, tmp_path / "base.gguf", "f32")
     write_lora_gguf(adapter, tmp_path / "lora.gguf", tiny_llama)
-    llm = llama_cpp.Llama(str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "lora.gguf"), n_ctx=64, logits_all=True,
-                          verbose=False, type_k=0, type_v=0)
+    llm = llama_cpp.Llama(
+        str(tmp_path / "base.gguf"),
+        lora_path=str(tmp_path / "lora.gguf"),
+        n_ctx=64,
+        logits_all=True,
+        verbose=False,
+        type_k=0,
+        type_v=0,
+    )
     ids = [1, 50, 7000, 33, 9, 120]
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)])

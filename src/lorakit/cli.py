@@ -22,6 +22,7 @@ from .config import (
     MergeConfig,
     PlanConfig,
     ServeConfig,
+    SweepConfig,
     TrainConfig,
     add_arguments,
     resolve,
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     command(
         "serve",
         ServeConfig,
+        SweepConfig,
         "OpenAI-compatible HTTP server for local use (chat/completions, completions, models).",
     )
     command("merge", MergeConfig, "Merge a LoRA adapter into its (de-quantized) base and verify the logits.")
@@ -130,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
             prompt = args.pop("prompt")
             print(generate(resolve(GenerateConfig, args, config_file), prompt))
+        elif command == "sweep":
+            from .sweep import sweep
+
+            sweep(resolve(SweepConfig, args, config_file))
         elif command == "eval":
             from .evaluate import evaluate
 

@@ -177,6 +177,32 @@ class PlanConfig(TrainConfig):
 
 
 @dataclass
+class SweepConfig(TrainConfig):
+    param: list[str] = opt(
+        [], "Values to try, as NAME=V1,V2,... (repeat for several settings; none: the guide's defaults)."
+    )
+    strategy: str = opt(
+        "grid",
+        "grid: every combination; halving: successive halving; optuna: TPE sampler with pruning.",
+        choices=("grid", "halving", "optuna"),
+    )
+    budget_steps: int = opt(
+        0, "Optimizer steps per trial (halving: of the last rung; 0 = num_epochs / max_steps)."
+    )
+    budget_minutes: float = opt(0.0, "Stop starting new trials after this many minutes (0 = no limit).")
+    n_trials: int = opt(8, "Trials for --strategy optuna.")
+    halving_rungs: int = opt(
+        3, "Rungs of successive halving (steps double and configurations halve at each)."
+    )
+    gpu_memory: str = opt(
+        "", "Skip configurations the planner says will not fit this memory (default: the GPU's, if any)."
+    )
+    train_best: bool = opt(
+        False, "After the sweep, train the best configuration in full (num_epochs, not the budget)."
+    )
+
+
+@dataclass
 class DataCheckConfig(ModelArgs, DataArgs, PromptArgs):
     preview: int = opt(3, "Rendered rows to show with their supervised tokens highlighted.")
     plot: str = opt("", "Write a PNG histogram of token lengths to this path.")
@@ -295,7 +321,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is list:
-            kwargs.update(nargs="+", metavar="NAME")
+            kwargs.update(nargs="+", metavar="VALUE", action="extend")  # repeated flags add up
         else:
             kwargs["type"] = kind
             if f.metadata.get("choices"):

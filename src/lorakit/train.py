@@ -453,8 +453,29 @@ def manifest(cfg: TrainConfig, base, fp: dict, report: DataReport, started: floa
     }
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train a LoRA adapter; returns the output directory holding it."""
+def _stop_at(step: int):
+    from transformers import TrainerCallback
+
+    class StopAtStep(TrainerCallback):
+        """Pause at a step (checkpoint written, schedule unchanged); used by successive halving."""
+
+        hit = False
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= step:
+                control.should_save = control.should_training_stop = True
+                self.hit = True
+            return control
+
+    return StopAtStep()
+
+
+def train(cfg: TrainConfig, callbacks: list | None = None, stop_at_step: int | None = None) -> Path:
+    """Train a LoRA adapter; returns the output directory holding it.
+
+    `callbacks` are extra transformers TrainerCallbacks; with `stop_at_step` the run pauses at that
+    step with a checkpoint (no final adapter) and continues later with `resume=True`.
+    """
     started = time.time()
     out = Path(cfg.output_dir).expanduser()
     resuming = cfg.resume or bool(cfg.resume_from_checkpoint)
@@ -529,9 +550,14 @@ def train(cfg: TrainConfig) -> Path:
             total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
             args = _training_args(run_cfg, out, precision, total_steps, bool(val_examples))
             guard = _nonfinite_guard(cfg.max_nonfinite_steps)
-            callbacks = [metrics, Progress(), health, signals, guard, LossCurve(out)]
+            pause = _stop_at(stop_at_step) if stop_at_step else None
+            run_callbacks = [metrics, Progress(), health, signals, guard, LossCurve(out), *(callbacks or [])]
+            if pause is not None:
+                run_callbacks.append(pause)
             if cfg.early_stopping_patience:
-                callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+                run_callbacks.append(
+                    EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience)
+                )
             trainer = _trainer_class()(
                 model=model,
                 args=args,
@@ -539,7 +565,7 @@ def train(cfg: TrainConfig) -> Path:
                 eval_dataset=val_examples or None,
                 data_collator=Collator(tokenizer.pad_token_id),
                 processing_class=tokenizer,
-                callbacks=callbacks,
+                callbacks=run_callbacks,
             )
             trainer.remove_callback(PrinterCallback)
             trainer.lorakit_marker = {"fingerprint": fp}
@@ -623,6 +649,10 @@ def train(cfg: TrainConfig) -> Path:
             flush=True,
         )
         raise SystemExit(128 + signals.signum)
+    if pause is not None and pause.hit and state.global_step < state.max_steps:
+        metrics.append({**summary, "status": "paused"})
+        plot_loss_curve(out)
+        return out
     metrics.append({**summary, "status": "finished"})
     plot_loss_curve(out)
     with staged_files(out, last=("adapter_config.json",)) as tmp:
