@@ -65,8 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     command(
         "serve",
         ServeConfig,
-        SweepConfig,
         "OpenAI-compatible HTTP server for local use (chat/completions, completions, models).",
+    )
+    command(
+        "sweep",
+        SweepConfig,
+        "Hyperparameter sweep (grid, successive halving or Optuna) ranked by validation loss.",
     )
     command("merge", MergeConfig, "Merge a LoRA adapter into its (de-quantized) base and verify the logits.")
     export = sub.add_parser(
