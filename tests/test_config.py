@@ -131,9 +131,25 @@ def test_guide_example_reproduces_the_guide():
     assert cfg.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.mark.parametrize("argv", [["train"], ["generate"], ["plan"], ["sweep"], ["eval"], ["chat"], ["serve"], ["merge"],
-                                  ["export", "gguf"], ["export", "all"], ["data", "check"], ["data", "convert"], ["models"],
-                                  ["demo"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train"],
+        ["generate"],
+        ["plan"],
+        ["sweep"],
+        ["eval"],
+        ["chat"],
+        ["serve"],
+        ["merge"],
+        ["export", "gguf"],
+        ["export", "all"],
+        ["data", "check"],
+        ["data", "convert"],
+        ["models"],
+        ["demo"],
+    ],
+)
 def test_every_command_has_help(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main([*argv, "--help"])

@@ -128,9 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     config_file = args.pop("config", None)
     try:
         if command == "train":
+            cfg = resolve(TrainConfig, args, config_file)
+            from .launch import launch, under_launcher
+
+            if cfg.num_processes > 1 and not under_launcher():
+                return launch(cfg, list(argv if argv is not None else sys.argv[1:]))
             from .train import train
 
-            train(resolve(TrainConfig, args, config_file))
+            train(cfg)
         elif command == "generate":
             from .generate import generate
 

@@ -153,6 +153,14 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
     no_progress_steps: int = opt(
         100, "Warn when the training loss has not fallen after this many optimizer steps (0 = never)."
     )
+    num_processes: int = opt(
+        1, "Launch this many processes through `accelerate launch` (one per GPU; gloo on CPU)."
+    )
+    distributed: str = opt(
+        "ddp",
+        "Multi-process engine: the accelerate config shipped for it.",
+        choices=("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"),
+    )
     eval_steps: int = opt(
         0, "With validation data: evaluate its loss every this many steps (0 = at each epoch's end)."
     )
@@ -174,6 +182,10 @@ class PlanConfig(TrainConfig):
         0.35, "Assumed fraction of the GPU's peak bf16 FLOP/s reached in training (for time estimates)."
     )
     list_gpus: bool = opt(False, "List the known GPUs and exit.")
+    num_gpus: int = opt(
+        1,
+        "GPUs the run is spread over (with --distributed: how weights, gradients and optimizer are sharded).",
+    )
 
 
 @dataclass

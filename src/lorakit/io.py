@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (both set RANK), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)

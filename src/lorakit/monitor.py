@@ -11,6 +11,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .io import is_main_process
+
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 
@@ -58,6 +60,8 @@ class MetricsLog(TrainerCallback):
         self.append(row)
 
     def append(self, row: dict) -> None:
+        if not is_main_process():
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -141,7 +145,8 @@ class HealthWatch(TrainerCallback):
         if key not in self.warned:
             self.warned.add(key)
             self.messages.append(message)
-            print(f"lorakit: warning: {message}", flush=True)
+            if is_main_process():
+                print(f"lorakit: warning: {message}", flush=True)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs:
@@ -227,6 +232,8 @@ class LossCurve(TrainerCallback):
 
 
 def plot_loss_curve(out: Path) -> Path | None:
+    if not is_main_process():
+        return None
     rows = read_metrics(out)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r and not r.get("summary")]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and not r.get("summary")]

@@ -398,6 +398,29 @@ class Plan:
         return d
 
 
+def _sharding(
+    cfg: PlanConfig, items: dict, weights: int, grads: int, layers: int, dtype_bytes: int, base_params: int
+) -> int:
+    """Per-GPU memory with --num_gpus N: ZeRO-2 shards gradients and optimizer state; ZeRO-3 and
+    FSDP (full shard) also the weights, gathering one decoder layer at a time. Returns the bytes
+    of that gathered-layer temporary (0 when weights are not sharded)."""
+    n = getattr(cfg, "num_gpus", 1)
+    if n <= 1 or cfg.distributed == "ddp":
+        return 0
+    opt = "optimizer state (AdamW m, v in fp32)"
+    items[opt] //= n
+    step_key = "step peak (traced): activations, logits, gradients, temporaries"
+    items[step_key] -= grads - grads // n
+    items["  of which gradients (fp32)"] = grads // n
+    if cfg.distributed in ("fsdp", "deepspeed_zero3"):
+        items["base weights"] = weights // n
+        items["LoRA weights (fp32)"] //= n
+        gathered = base_params * dtype_bytes // max(layers, 1)
+        items["gathered layer (weights sharded)"] = gathered
+        return gathered
+    return 0
+
+
 def parse_memory(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9.]+)\s*(gib|gb|g|mib|mb|m)?\s*", text.lower())
     if not m:
@@ -501,7 +524,11 @@ def make_plan(cfg: PlanConfig, config=None, source: str = "", lengths=None) -> P
     }
     if dequant_temp:
         items["de-quantized layer temporary"] = dequant_temp
-    dynamic = step + dequant_temp
+    shard = _sharding(
+        cfg, items, weights, grads, config.num_hidden_layers, DTYPE_BYTES[precision], total - trainable
+    )
+    step = items["step peak (traced): activations, logits, gradients, temporaries"]
+    dynamic = step + dequant_temp + shard
     items["allocator slack (10% of the dynamic peak)"] = int(ALLOCATOR_SLACK * dynamic)
     items["CUDA context and workspaces"] = CUDA_CONTEXT_BYTES
     total_bytes = sum(v for k, v in items.items() if not k.startswith("  "))

@@ -21,14 +21,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 from .config import TrainConfig, write_yaml
 from .data import Collator, DataReport, prepare_data
 from .errors import LorakitError
-from .io import atomic_write_json, staged_files
+from .io import atomic_write_json, is_main_process, staged_files
 from .models import load_model, load_tokenizer, resolve_base_model
 
 CHECKPOINT_MARKER = "lorakit-checkpoint.json"
@@ -56,6 +55,13 @@ RESUMABLE_CHANGES = {
 
 class TrainingDiverged(LorakitError):
     exit_code = 3
+
+
+def say(*args, **kwargs) -> None:
+    """print() on the main process only: one log for a distributed run."""
+    if is_main_process():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
 
 
 def check_precision(cfg: TrainConfig) -> str:
@@ -163,15 +169,28 @@ def _trainer_class():
             return result
 
         def _save_checkpoint(self, model, trial):
-            """Write the checkpoint into a temporary directory, add the marker, then rename it."""
+            """Write the checkpoint into a staging directory, add the marker, then rename it.
+
+            Distributed: every rank writes its part (its RNG state) into the same staging
+            directory; the main process then adds the marker and renames it.
+            """
             if self.block_saves:
                 return
             real_out = self.args.output_dir
             name = f"checkpoint-{self.state.global_step}"
-            stage_root = tempfile.mkdtemp(prefix=".checkpoint-", dir=real_out)
+            stage_root = str(Path(real_out) / f".staging-{name}")
+            main = self.args.should_save
+            if main:
+                shutil.rmtree(stage_root, ignore_errors=True)
+                os.makedirs(stage_root)
+            self.accelerator.wait_for_everyone()
             self.args.output_dir = stage_root
             try:
                 super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = real_out
+            self.accelerator.wait_for_everyone()
+            if main:
                 staged = Path(stage_root) / name
                 state_file = staged / "trainer_state.json"
                 if state_file.is_file():  # paths recorded while writing point into the staging dir
@@ -183,9 +202,8 @@ def _trainer_class():
                 if final.exists():
                     shutil.rmtree(final)
                 os.rename(staged, final)
-            finally:
-                self.args.output_dir = real_out
                 shutil.rmtree(stage_root, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
             if self.state.best_model_checkpoint and stage_root in self.state.best_model_checkpoint:
                 self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
                     stage_root, real_out
@@ -229,7 +247,7 @@ def _nonfinite_guard(max_steps: int):
                 "kind": "loss" if sources else "gradient",
             }
             self.events.append(event)
-            print(
+            say(
                 f"lorakit: warning: non-finite {event['kind']} at step {event['step']}; step skipped"
                 + (f" (rows: {', '.join(sources[:8])})" if sources else ""),
                 flush=True,
@@ -501,7 +519,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, stop_at_step: int | N
     base = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     examples, val_examples, report = prepare_data(cfg, tokenizer)
-    print(f"lorakit: data {cfg.dataset or 'demo'}: {report.summary()}", flush=True)
+    say(f"lorakit: data {cfg.dataset or 'demo'}: {report.summary()}", flush=True)
     if cfg.early_stopping_patience and not val_examples:
         raise LorakitError(
             "--early_stopping_patience needs validation data: add --val_size 0.1 or --val_dataset FILE"
@@ -519,7 +537,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, stop_at_step: int | N
             raise LorakitError(
                 f"cannot resume from {checkpoint}: {'; '.join(changes)} (pass --resume_ignore_changes to resume anyway)"
             )
-        print(f"lorakit: resuming from {checkpoint}", flush=True)
+        say(f"lorakit: resuming from {checkpoint}", flush=True)
     elif cfg.overwrite:
         for old in out.glob("checkpoint-*"):
             shutil.rmtree(old, ignore_errors=True)
@@ -527,13 +545,14 @@ def train(cfg: TrainConfig, callbacks: list | None = None, stop_at_step: int | N
     set_seed(cfg.seed)
     model = add_lora(cfg, load_training_model(cfg, base, precision))
     trainable, total = model.get_nb_trainable_parameters()
-    print(
+    say(
         f"lorakit: trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
         flush=True,
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    write_yaml(cfg, out)
+    if is_main_process():
+        write_yaml(cfg, out)
     signals = StopOnSignal()
     health = HealthWatch(cfg.no_progress_steps)
     metrics = MetricsLog(out)
@@ -595,7 +614,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, stop_at_step: int | N
                         "gradient_accumulation_steps": accumulation * 2,
                     }
                 )
-                print(
+                say(
                     f"lorakit: out of memory at step {step}: batch_size {batch_size} -> {batch_size // 2}, "
                     f"gradient_accumulation_steps {accumulation} -> {accumulation * 2} (same effective batch); continuing",
                     flush=True,
@@ -643,7 +662,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, stop_at_step: int | N
         metrics.append({**summary, "status": "interrupted"})
         plot_loss_curve(out)
         last = complete_checkpoints(out)
-        print(
+        say(
             f"lorakit: stopped at step {state.global_step}; checkpoint {last[-1] if last else '-'}; "
             f"continue with: lorakit train --config {out / 'lorakit.yaml'} --resume",
             flush=True,
@@ -655,6 +674,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None, stop_at_step: int | N
         return out
     metrics.append({**summary, "status": "finished"})
     plot_loss_curve(out)
+    if not is_main_process():  # rank 0 writes the outputs
+        return out
     with staged_files(out, last=("adapter_config.json",)) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)  # the best one with early stopping
         tokenizer.save_pretrained(tmp)
@@ -668,7 +689,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, stop_at_step: int | N
         if cfg.early_stopping_patience and state.best_model_checkpoint
         else ""
     )
-    print(
+    say(
         f"lorakit: adapter written to {out} (loss {result.training_loss:.4f}, {summary['tokens_per_second']} tokens/s{restored})",
         flush=True,
     )
@@ -685,10 +706,10 @@ def memory_check(cfg: TrainConfig, lengths: list[int], gpu_bytes: int) -> bool:
         lengths_info = (max(lengths), sum(lengths) / len(lengths), len(lengths), "the training data")
         p = make_plan(plan_cfg, lengths=lengths_info)
     except Exception as e:  # the planner must never stop a run it cannot model
-        print(f"lorakit: memory plan skipped ({type(e).__name__}: {str(e)[:120]})", flush=True)
+        say(f"lorakit: memory plan skipped ({type(e).__name__}: {str(e)[:120]})", flush=True)
         return True
     if not p.fits:
-        print(
+        say(
             f"lorakit: warning: this run is planned to need {p.total_bytes / GIB:.1f} GiB but the GPU has "
             f"{gpu_bytes / GIB:.1f} GiB; `lorakit plan --fit --gpu_memory {gpu_bytes / GIB:.0f}GiB` with the same flags "
             "finds settings that fit (out-of-memory backoff will try smaller micro-batches)",

@@ -1,0 +1,57 @@
+"""Multi-process training through accelerate (DDP, FSDP, DeepSpeed): `--num_processes N`
+re-runs the same `lorakit train` command under `accelerate launch` with the shipped config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .config import TrainConfig
+
+
+def accelerate_config(name: str) -> Path:
+    return Path(str(resources.files("lorakit") / "assets" / "accelerate" / f"{name}.yaml"))
+
+
+def under_launcher() -> bool:
+    """torchrun and accelerate launch set these in every process they start."""
+    return "RANK" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def launch_command(cfg: TrainConfig, argv: list[str]) -> list[str]:
+    import torch
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(cfg.num_processes),
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--mixed_precision",
+        "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else "no",
+    ]
+    if cfg.distributed == "ddp":
+        # accelerate's multi-GPU launcher is torch.distributed.run; without GPUs the processes
+        # use the gloo backend on CPU (accelerate's own multi-CPU mode needs mpirun).
+        cmd.append("--multi_gpu")
+    else:
+        if not torch.cuda.is_available():
+            print(
+                f"lorakit: note: {cfg.distributed} is meant for GPUs; on CPU use --distributed ddp",
+                flush=True,
+            )
+        cmd += ["--config_file", str(accelerate_config(cfg.distributed))]
+    return [*cmd, "-m", "lorakit", *argv]
+
+
+def launch(cfg: TrainConfig, argv: list[str]) -> int:
+    cmd = launch_command(cfg, argv)
+    print(f"lorakit: launching {cfg.num_processes} processes: {' '.join(cmd[2:])}", flush=True)
+    return subprocess.call(cmd)
