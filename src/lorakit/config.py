@@ -153,6 +153,19 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
     no_progress_steps: int = opt(
         100, "Warn when the training loss has not fallen after this many optimizer steps (0 = never)."
     )
+    chunked_loss: bool = opt(
+        True, "Loss on supervised positions only, in chunks: no full [tokens, vocab] logits (same value)."
+    )
+    padding_free: bool = opt(
+        False,
+        "Pack each micro-batch into one row with per-row positions (no padding; fastest with flash-attention on GPU).",
+    )
+    torch_compile: bool = opt(
+        False, "Compile the model with torch.compile (slow first steps, recompiles for new shapes)."
+    )
+    use_liger_kernel: bool = opt(
+        False, "Use Liger's fused GPU kernels (pip install liger-kernel; replaces --chunked_loss)."
+    )
     num_processes: int = opt(
         1, "Launch this many processes through `accelerate launch` (one per GPU; gloo on CPU)."
     )

@@ -687,20 +687,33 @@ def encode_rows(
 
 
 class Collator:
-    """Right-pads a batch to its longest row.
+    """Right-pads a batch to its longest row, or packs it into one row (padding_free).
 
     Labels are padded with -100 by position, never derived by comparing ids with the pad id:
     SmolLM2 (and many chat models) use one id for pad and EOS, and masking by id would hide
     every EOS from the loss, so the model would never learn to stop.
+
+    Packed rows restart their position ids; with no attention mask, transformers derives a
+    block-diagonal causal mask from them, so no token attends across a row boundary, and the
+    first label of each row is -100 so no row predicts the next row's first token.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, padding_free: bool = False):
         self.pad_token_id = pad_token_id
         self.multiple = pad_to_multiple_of
+        self.padding_free = padding_free
 
     def __call__(self, batch: list[dict]) -> dict:
         import torch
 
+        sources = [b.get("source") for b in batch]  # "file:line", so a NaN loss can name its rows
+        if self.padding_free:
+            ids = torch.tensor([t for b in batch for t in b["input_ids"]]).unsqueeze(0)
+            labels = torch.tensor(
+                [t for b in batch for t in ([IGNORE_INDEX] + list(b["labels"][1:]))]
+            ).unsqueeze(0)
+            positions = torch.tensor([p for b in batch for p in range(len(b["input_ids"]))]).unsqueeze(0)
+            return {"input_ids": ids, "labels": labels, "position_ids": positions, "sources": sources}
         longest = max(len(b["input_ids"]) for b in batch)
         longest = -(-longest // self.multiple) * self.multiple
         ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
@@ -711,10 +724,4 @@ class Collator:
             ids[row, :n] = torch.tensor(b["input_ids"])
             labels[row, :n] = torch.tensor(b["labels"])
             mask[row, :n] = 1
-        # Row origins ("file:line") travel with the batch so a NaN loss can name its rows.
-        return {
-            "input_ids": ids,
-            "labels": labels,
-            "attention_mask": mask,
-            "sources": [b.get("source") for b in batch],
-        }
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "sources": sources}

@@ -33,6 +33,10 @@ from .models import load_model, load_tokenizer, resolve_base_model
 CHECKPOINT_MARKER = "lorakit-checkpoint.json"
 # Settings that may change between a checkpoint and its resume without changing the run's maths.
 RESUMABLE_CHANGES = {
+    "chunked_loss",
+    "padding_free",
+    "torch_compile",
+    "use_liger_kernel",
     "output_dir",
     "overwrite",
     "resume",
@@ -160,9 +164,19 @@ def _trainer_class():
         nonfinite_sources: list[str] = []
         block_saves = False
 
+        lorakit_chunked = False
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             sources = inputs.pop("sources", None)
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # The chunked loss calls the decoder directly, which a DDP wrapper must not be
+            # bypassed for: multi-process runs use the model's own loss.
+            if self.lorakit_chunked and self.args.world_size == 1:
+                from .loss import causal_lm_loss
+
+                loss = causal_lm_loss(model, inputs, num_items_in_batch)
+                result = (loss, {}) if return_outputs else loss  # evaluation only needs the loss
+            else:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = result[0] if return_outputs else result
             if model.training and not torch.isfinite(loss.detach()).all():
                 self.nonfinite_sources.extend(sources or ["?"])
@@ -413,6 +427,9 @@ def _training_args(cfg: TrainConfig, out: Path, precision: str, total_steps: int
         seed=cfg.seed,
         data_seed=cfg.seed,
         disable_tqdm=True,
+        prediction_loss_only=True,
+        torch_compile=cfg.torch_compile,
+        use_liger_kernel=cfg.use_liger_kernel,
     )
 
 
@@ -582,12 +599,13 @@ def train(cfg: TrainConfig, callbacks: list | None = None, stop_at_step: int | N
                 args=args,
                 train_dataset=examples,
                 eval_dataset=val_examples or None,
-                data_collator=Collator(tokenizer.pad_token_id),
+                data_collator=Collator(tokenizer.pad_token_id, padding_free=cfg.padding_free),
                 processing_class=tokenizer,
                 callbacks=run_callbacks,
             )
             trainer.remove_callback(PrinterCallback)
             trainer.lorakit_marker = {"fingerprint": fp}
+            trainer.lorakit_chunked = cfg.chunked_loss and not cfg.use_liger_kernel
             guard.trainer = trainer
             try:
                 result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
