@@ -3,8 +3,8 @@
 The usual path computes logits for every position (B x T x V, upcast to fp32 in the loss): for a
 150k vocabulary that is the largest tensor of the step, and on instruction data most positions
 are prompt or padding whose loss is thrown away. Here the LM head runs only on the positions that
-have a label, in chunks, each chunk recomputed in backward (activation checkpointing), so at most
-one chunk of logits is alive. The loss is the same number: the mean over supervised tokens.
+have a label, in chunks, each chunk recomputed in backward (activation checkpointing) when there
+is more than one, so at most one chunk of logits is alive. The loss is the same number: the mean over supervised tokens.
 
 Written by hand because the libraries that do this (Liger's fused linear cross-entropy, Apple's
 cut-cross-entropy) are GPU kernels; on a GPU with liger-kernel installed, `--use_liger_kernel`
@@ -44,9 +44,11 @@ def chunked_lm_loss(
     h = hidden[:, :-1][keep]  # [N, H]: only positions whose next token is supervised
     y = targets[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
+    # One chunk: its logits are the most that is ever alive either way, so it is not recomputed.
+    recompute = torch.is_grad_enabled() and h.shape[0] > chunk_size
     for start in range(0, h.shape[0], chunk_size):
         part_h, part_y = h[start : start + chunk_size], y[start : start + chunk_size]
-        if torch.is_grad_enabled():
+        if recompute:
             total = total + checkpoint(_chunk_nll, head, softcap, part_h, part_y, use_reentrant=False)
         else:
             total = total + _chunk_nll(head, softcap, part_h, part_y)
