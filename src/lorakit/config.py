@@ -247,14 +247,17 @@ class SamplingArgs:
 
 
 @dataclass
-class GenerateConfig(ModelArgs, PromptArgs, SamplingArgs):
-    adapter: str = opt("", "Adapter directory written by `lorakit train` ('' = the base model alone).")
+class AdapterArgs:
+    adapter: str = opt("", "Adapter directory written by `lorakit train` (its base and chat template are used).")
+
+
+@dataclass
+class GenerateConfig(ModelArgs, PromptArgs, SamplingArgs, AdapterArgs):
     max_new_tokens: int = opt(256, "Most tokens to generate.")
 
 
 @dataclass
-class MergeConfig(ModelArgs):
-    adapter: str = opt("", "Adapter directory written by `lorakit train`.")
+class MergeConfig(ModelArgs, AdapterArgs):
     output_dir: str = opt(
         "outputs/merged", "Directory for the merged model (safetensors shards, tokenizer, generation config)."
     )
@@ -283,8 +286,7 @@ class ExportConfig(MergeConfig, SamplingArgs):
 
 
 @dataclass
-class EvalConfig(ModelArgs, DataArgs, PromptArgs):
-    adapter: str = opt("", "Adapter directory to evaluate (its base and chat template are used).")
+class EvalConfig(ModelArgs, DataArgs, PromptArgs, AdapterArgs):
     model: str = opt("", "A merged model directory to evaluate instead of an adapter.")
     output_dir: str = opt("outputs/eval", "Directory for eval.json, eval.md, eval.png and failures.jsonl.")
     max_new_tokens: int = opt(256, "Most tokens generated per row (greedy decoding).")
@@ -297,8 +299,7 @@ class EvalConfig(ModelArgs, DataArgs, PromptArgs):
 
 
 @dataclass
-class ChatConfig(ModelArgs, PromptArgs, SamplingArgs):
-    adapter: str = opt("", "Adapter directory ('' = the base model alone).")
+class ChatConfig(ModelArgs, PromptArgs, SamplingArgs, AdapterArgs):
     max_new_tokens: int = opt(512, "Most tokens per answer.")
 
 
