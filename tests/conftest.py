@@ -37,22 +37,27 @@ def _save_tiny(path: Path, config, tokenizer) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, smol_tokenizer) -> Path:
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(
-        vocab_size=len(smol_tokenizer),
+def _tiny_shape(tok) -> dict:
+    """2 layers, hidden 32, 4 heads (2 KV), the tokenizer's vocabulary and special ids."""
+    return dict(
+        vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        bos_token_id=smol_tokenizer.bos_token_id,
-        eos_token_id=smol_tokenizer.eos_token_id,
-        pad_token_id=smol_tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smol_tokenizer) -> Path:
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        **_tiny_shape(smol_tokenizer), bos_token_id=smol_tokenizer.bos_token_id, tie_word_embeddings=True
     )
     return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), cfg, smol_tokenizer)
 
@@ -61,18 +66,9 @@ def tiny_llama(tmp_path_factory, smol_tokenizer) -> Path:
 def tiny_qwen2(tmp_path_factory, smol_tokenizer) -> Path:
     from transformers import Qwen2Config
 
-    cfg = Qwen2Config(
-        vocab_size=len(smol_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=smol_tokenizer.eos_token_id,
-        pad_token_id=smol_tokenizer.pad_token_id,
+    return _save_tiny(
+        tmp_path_factory.mktemp("tiny-qwen2"), Qwen2Config(**_tiny_shape(smol_tokenizer)), smol_tokenizer
     )
-    return _save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), cfg, smol_tokenizer)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -248,7 +248,9 @@ class SamplingArgs:
 
 @dataclass
 class AdapterArgs:
-    adapter: str = opt("", "Adapter directory written by `lorakit train` (its base and chat template are used).")
+    adapter: str = opt(
+        "", "Adapter directory written by `lorakit train` (its base and chat template are used)."
+    )
 
 
 @dataclass

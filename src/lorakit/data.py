@@ -641,9 +641,10 @@ def load_samples(cfg) -> tuple[list[Sample], list[Sample], DataReport]:
     return samples, val, report
 
 
-def prepare_data(cfg, tokenizer) -> tuple[list[dict], list[dict], DataReport]:
-    """(train examples, validation examples, report) for a config with DataArgs and PromptArgs."""
-    train_samples, val_samples, report = load_samples(cfg)
+def prepare_data(cfg, tokenizer, samples=None) -> tuple[list[dict], list[dict], DataReport]:
+    """(train examples, validation examples, report) for a config with DataArgs and PromptArgs;
+    `samples` is what load_samples(cfg) returned, when the caller already has it."""
+    train_samples, val_samples, report = samples or load_samples(cfg)
     chat = ChatFormat(tokenizer)
     report.chatml_fallback = chat.fallback
     kw = {

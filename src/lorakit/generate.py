@@ -28,18 +28,20 @@ def adapter_settings(adapter: str) -> dict:
     return read_yaml(d / "lorakit.yaml", TrainConfig) if (d / "lorakit.yaml").is_file() else {}
 
 
+def sampling_kwargs(temperature: float, top_p: float, top_k: int) -> dict:
+    """generate() arguments: greedy at temperature 0, else sampling with nucleus and top-k."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    return {"do_sample": False}
+
+
 def load_for_inference(base_model: str = "", adapter: str = "", trust_remote_code: bool = False, model=None):
     """(model, tokenizer, chat format); with an adapter, the base and tokenizer it was trained with."""
     if adapter:
         trained = adapter_settings(adapter)
         base_model = base_model or trained.get("base_model", "")
     base = resolve_base_model(base_model)
-    tokenizer = load_tokenizer(base, trust_remote_code)
-    if adapter and (Path(adapter) / "tokenizer_config.json").is_file():
-        # The tokenizer saved with the adapter carries the exact chat template used in training.
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(adapter)
+    tokenizer = load_tokenizer(base, trust_remote_code, adapter)
     model = model if model is not None else load_model(base, trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel
@@ -71,11 +73,7 @@ def generate_batch(
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
-            if temperature > 0
-            else {"do_sample": False}
-        )
+        sampling = sampling_kwargs(temperature, top_p, top_k)
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids.to(model.device),
@@ -158,11 +156,7 @@ def stream_tokens(
             tokens.put(None)
 
     failure: list[BaseException] = []
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
-        if temperature > 0
-        else {"do_sample": False}
-    )
+    sampling = sampling_kwargs(temperature, top_p, top_k)
 
     def run():
         try:

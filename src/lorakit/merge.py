@@ -70,11 +70,7 @@ def merge(cfg: MergeConfig) -> Path:
     base = resolve_base_model(cfg.base_model or trained.base_model)
     dtype_name = merge_dtype(cfg.dtype, trained, cfg.adapter)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    tokenizer = load_tokenizer(base)
-    if (Path(cfg.adapter) / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(cfg.adapter)  # the chat template used in training
+    tokenizer = load_tokenizer(base, trained.trust_remote_code, cfg.adapter)  # the training chat template
     chat = ChatFormat(tokenizer)
     model = load_model(base, dtype=dtype, trust_remote_code=trained.trust_remote_code)  # never quantized
     model = PeftModel.from_pretrained(model, cfg.adapter).eval()

@@ -232,11 +232,14 @@ def cached_models() -> list[dict]:
     return rows
 
 
-def load_tokenizer(base: BaseModel, trust_remote_code: bool = False):
+def load_tokenizer(base: BaseModel, trust_remote_code: bool = False, adapter: str = ""):
+    """The base's tokenizer, or the one saved beside an adapter: that one carries the exact chat
+    template used in training."""
     from transformers import AutoTokenizer
 
+    source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base.path
     try:
-        tok = AutoTokenizer.from_pretrained(base.path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise LorakitError(
             f"--base_model {base.name}: cannot load its tokenizer ({str(e).splitlines()[0]})"

@@ -525,7 +525,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None, stop_at_step: int | N
             )
     from .data import load_samples
 
-    load_samples(cfg)  # check the data (fast, no tokenizer) before spending time on imports and the model
+    samples = load_samples(
+        cfg
+    )  # check the data (fast, no tokenizer) before spending time on imports and the model
 
     from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
@@ -535,7 +537,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, stop_at_step: int | N
     precision = check_precision(cfg)
     base = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-    examples, val_examples, report = prepare_data(cfg, tokenizer)
+    examples, val_examples, report = prepare_data(cfg, tokenizer, samples)
     say(f"lorakit: data {cfg.dataset or 'demo'}: {report.summary()}", flush=True)
     if cfg.early_stopping_patience and not val_examples:
         raise LorakitError(
