@@ -149,7 +149,17 @@ def test_special_token_text_in_content_is_refused(tmp_path, capsys, smol_dir):
     )
     assert (
         main(
-            ["data", "check", str(data), "--base_model", str(smol_dir), "--output", str(tmp_path / "r.json")]
+            [
+                "data",
+                "check",
+                str(data),
+                "--base_model",
+                str(smol_dir),
+                "--system_prompt",
+                "Be brief.",
+                "--output",
+                str(tmp_path / "r.json"),
+            ]
         )
         == 2
     )

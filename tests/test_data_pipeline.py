@@ -122,7 +122,9 @@ def test_val_dataset_rows_seen_in_training_are_removed(tmp_path):
     val_file = write_jsonl(
         tmp_path / "v.jsonl", [{"instruction": "q1", "output": "a"}, {"instruction": "new", "output": "a"}]
     )
-    train, val, report = load_samples(DataCheckConfig(dataset=str(train_file), val_dataset=str(val_file)))
+    train, val, report = load_samples(
+        DataCheckConfig(dataset=str(train_file), val_dataset=str(val_file), system_prompt="Be brief.")
+    )
     assert (
         len(train) == 5
         and [s.messages[1]["content"] for s in val] == ["new"]

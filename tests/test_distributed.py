@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorakit.checkpoints import CHECKPOINT_MARKER
 from lorakit.config import PlanConfig
 from lorakit.launch import accelerate_config
-from lorakit.train import CHECKPOINT_MARKER
 
 from .conftest import write_jsonl
 
@@ -165,10 +165,9 @@ def test_planner_shards_by_engine():
     single = make_plan(PlanConfig(**base))
     zero2 = make_plan(PlanConfig(**base, num_gpus=4, distributed="deepspeed_zero2"))
     fsdp = make_plan(PlanConfig(**base, num_gpus=4, distributed="fsdp"))
-    opt = "optimizer state (AdamW m, v in fp32)"
     assert (
-        zero2.items[opt] == single.items[opt] // 4
-        and zero2.items["base weights"] == single.items["base weights"]
+        zero2.memory.optimizer_state == single.memory.optimizer_state // 4
+        and zero2.memory.base_weights == single.memory.base_weights
     )
-    assert fsdp.items["base weights"] == single.items["base weights"] // 4
+    assert fsdp.memory.base_weights == single.memory.base_weights // 4
     assert fsdp.total_bytes < zero2.total_bytes < single.total_bytes

@@ -175,14 +175,14 @@ def gguf_tokenizer(fields):
     """A tokenizer built only from the GGUF's vocabulary, merges, token types and pre-tokenizer name."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
 
-    from lorakit.models import pre_tokenizer_rule
+    from lorakit.pretokenizer import rule_for_name
 
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"]]
     tok = Tokenizer(
         models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False)
     )
-    tok.pre_tokenizer = pre_tokenizer_rule(fields["tokenizer.ggml.pre"])
+    tok.pre_tokenizer = rule_for_name(fields["tokenizer.ggml.pre"])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]

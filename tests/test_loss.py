@@ -18,7 +18,7 @@ ROWS = [
 def lora_model(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.train import add_lora
+    from lorakit.models import add_lora
 
     torch.manual_seed(0)
     model = add_lora(

@@ -8,8 +8,10 @@ import torch
 
 from lorakit.config import PlanConfig, TrainConfig
 from lorakit.plan import (
+    GIB,
     bundled_configs,
     find_bundled,
+    fit,
     load_model_config,
     make_plan,
     meta_peft_model,
@@ -111,8 +113,8 @@ def real_model(config, cfg, layers):
     """The same architecture with real (random) CPU weights."""
     from transformers import AutoModelForCausalLM
 
+    from lorakit.models import add_lora
     from lorakit.plan import _truncate_layers
-    from lorakit.train import add_lora
 
     torch.manual_seed(0)
     c = _truncate_layers(config, layers)
@@ -176,7 +178,7 @@ def test_14b_fp16_does_not_fit_16gb_but_4bit_does():
         gpu="rtx4070tisuper",
     )
     fp16 = make_plan(cfg)
-    assert fp16.items["base weights"] == 14_770_033_664 * 2 and fp16.fits is False
+    assert fp16.memory.base_weights == 14_770_033_664 * 2 and fp16.fits is False
     four = make_plan(dataclasses.replace(cfg, load_in_4bit=True, batch_size=1))
     assert four.fits is True
 
@@ -223,10 +225,36 @@ def test_plan_uses_dataset_lengths(tmp_path, smol_dir):
 
 
 def test_train_warns_before_a_run_that_will_not_fit(capsys):
-    from lorakit.train import memory_check
+    from lorakit.plan import memory_check
 
     cfg = TrainConfig(base_model="Qwen2.5-14B", lora_r=64, fp16=True)
     assert memory_check(cfg, [900, 1000, 300], 16 * 1024**3) is False
     assert "planned to need" in capsys.readouterr().out
     small = TrainConfig(base_model="SmolLM2-135M", lora_r=8, bf16=True)
     assert memory_check(small, [100, 200], 80 * 1024**3) is True
+
+
+def test_fit_lowers_the_rank_before_it_shortens_the_sequence():
+    """Shortening max_seq_length changes the data (long rows dropped); a lower rank does not."""
+    base = dict(
+        base_model="SmolLM2-135M",
+        lora_r=64,
+        lora_alpha=128,
+        max_seq_length=1024,
+        batch_size=4,
+        gradient_accumulation_steps=4,
+    )
+    smallest = dict(
+        load_in_4bit=True,
+        bf16=True,
+        gradient_checkpointing=True,
+        batch_size=1,
+        gradient_accumulation_steps=16,
+    )
+    r64_1024 = make_plan(PlanConfig(**{**base, **smallest})).total_bytes
+    r32_1024 = make_plan(PlanConfig(**{**base, **smallest, "lora_r": 32, "lora_alpha": 64})).total_bytes
+    r64_768 = make_plan(PlanConfig(**{**base, **smallest, "max_seq_length": 768})).total_bytes
+    budget = (r64_1024 + r32_1024) / 2
+    assert r32_1024 < budget < r64_1024 and r64_768 < budget  # both alternatives fit, the original does not
+    chosen, plan, _ = fit(PlanConfig(**base, gpu_memory=f"{budget / GIB:.4f}GiB", fit=True))
+    assert (chosen.lora_r, chosen.max_seq_length) == (32, 1024) and plan.fits

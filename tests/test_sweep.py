@@ -72,7 +72,7 @@ def test_grid_ranks_the_clearly_best_learning_rate_first(tmp_path, tiny_llama, d
         t["overrides"]["learning_rate"] for t in sorted(result["trials"], key=lambda t: t["best_eval_loss"])
     ]
     assert order == sorted(lrs, reverse=True)  # higher is better here, up to the clearly best 3e-2
-    assert best["overrides"]["learning_rate"] == 3e-2
+    assert best.overrides["learning_rate"] == 3e-2
     for name in ("sweep.md", "sweep.png", "best.yaml"):
         assert (tmp_path / "s" / name).is_file()
     # best.yaml re-runs the best trial exactly (same seed): same validation losses.
@@ -82,7 +82,7 @@ def test_grid_ranks_the_clearly_best_learning_rate_first(tmp_path, tiny_llama, d
     evals = [
         (r["step"], r["eval_loss"]) for r in read_metrics(again) if "eval_loss" in r and not r.get("summary")
     ]
-    assert [list(e) for e in evals] == [list(e) for e in best["evals"]]
+    assert [list(e) for e in evals] == [list(e) for e in best.evals]
 
 
 @pytest.mark.slow

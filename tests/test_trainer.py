@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorakit.checkpoints import CHECKPOINT_MARKER, complete_checkpoints
 from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
-from lorakit.train import CHECKPOINT_MARKER, complete_checkpoints, train
+from lorakit.train import train
 
 from .conftest import write_jsonl
 

@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 from .config import ChatConfig
+from .io import say
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt), /exit"
 
 
 def chat(cfg: ChatConfig) -> None:
-    from .evaluate import effective_system_prompt
-    from .generate import adapter_settings, load_for_inference, stream_text, stream_tokens
+    from .adapter import inference_system_prompt, open_adapter
+    from .generate import load_for_inference, stream_text, stream_tokens
 
-    trained = adapter_settings(cfg.adapter) if cfg.adapter else {}
-    system = effective_system_prompt(cfg.system_prompt, trained)
-    model, tokenizer, fmt = load_for_inference(cfg.base_model, cfg.adapter, cfg.trust_remote_code)
+    trained = open_adapter(cfg.adapter)
+    system = inference_system_prompt(cfg.system_prompt, trained)
+    model, tokenizer, fmt = load_for_inference(cfg.base_model, trained, cfg.trust_remote_code)
     stop = fmt.stop_ids()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     history: list[dict] = []
-    print(f"lorakit chat ({cfg.adapter or cfg.base_model or 'SmolLM2-135M-Instruct'}); {HELP}", flush=True)
+    say(f"lorakit chat ({cfg.adapter or cfg.base_model or 'SmolLM2-135M-Instruct'}); {HELP}", flush=True)
     while True:
         try:
             line = input(">>> ")
         except (EOFError, KeyboardInterrupt):
-            print()
+            say()
             break
         command = line.strip()
         if not command:
@@ -31,15 +32,15 @@ def chat(cfg: ChatConfig) -> None:
             break
         if command == "/reset":
             history = []
-            print("(conversation cleared)")
+            say("(conversation cleared)")
             continue
         if command.startswith("/system"):
             system = command[len("/system") :].strip()
             history = []
-            print(f"(system prompt set{': ' + system if system else ' to none'}; conversation cleared)")
+            say(f"(system prompt set{': ' + system if system else ' to none'}; conversation cleared)")
             continue
         if command.startswith("/"):
-            print(HELP)
+            say(HELP)
             continue
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
@@ -50,8 +51,8 @@ def chat(cfg: ChatConfig) -> None:
         )
         for piece, reason in stream_text(tokenizer, tokens, stop):
             answer.append(piece)
-            print(piece, end="", flush=True)
+            say(piece, end="", flush=True)
             if reason == "length":
-                print(" [... max_new_tokens reached]", end="")
-        print(flush=True)
+                say(" [... max_new_tokens reached]", end="")
+        say(flush=True)
         history.append({"role": "assistant", "content": "".join(answer)})

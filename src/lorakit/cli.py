@@ -1,14 +1,18 @@
-"""Command line: parses flags generated from the config dataclasses and calls the Python API.
+"""Command line: a table of commands, each with its config class, its entry point and its help.
 
-Heavy libraries (torch, transformers) are imported inside the stage functions, so `--help`
-answers at once.
+Flags are generated from the config dataclasses; the entry point is named as "module:function"
+and imported only when its command runs, so `--help` answers without importing torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from . import __version__
 from .config import (
@@ -30,89 +34,158 @@ from .config import (
 from .errors import LorakitError
 
 
+@dataclass(frozen=True)
+class Command:
+    name: str  # "train", or "group action" for a subcommand ("export gguf")
+    config: type | None
+    entry: str  # "module:function" inside lorakit, called as function(cfg, **extra)
+    help: str
+    positional: tuple[tuple[str, dict], ...] = ()  # argparse positionals passed on to the entry
+    defaults: str = ""  # "module:function" giving settings that replace the field defaults
+    wants_argv: bool = False  # the entry also gets the command line (to re-launch itself)
+
+
+COMMANDS = (
+    Command(
+        "train",
+        TrainConfig,
+        "launch:train_command",
+        "Train a LoRA adapter on a JSONL dataset.",
+        wants_argv=True,
+    ),
+    Command(
+        "generate",
+        GenerateConfig,
+        "generate:generate_command",
+        "Answer a prompt with a base model, optionally with an adapter (greedy unless --temperature > 0).",
+        (("prompt", {"help": "the user message"}),),
+    ),
+    Command(
+        "plan",
+        PlanConfig,
+        "plan:plan",
+        "Plan memory and speed of a training run (same flags as train), or --fit it to a GPU.",
+    ),
+    Command(
+        "eval",
+        EvalConfig,
+        "evaluate:evaluate",
+        "Evaluate an adapter (or merged model) on held-out rows: loss, scores, stop rate, failures.",
+    ),
+    Command(
+        "chat",
+        ChatConfig,
+        "chat:chat",
+        "Chat with a model (and adapter) in the terminal: /reset, /system TEXT, /exit.",
+    ),
+    Command(
+        "serve",
+        ServeConfig,
+        "serve:serve",
+        "OpenAI-compatible HTTP server for local use (chat/completions, completions, models).",
+    ),
+    Command(
+        "sweep",
+        SweepConfig,
+        "sweep:sweep",
+        "Hyperparameter sweep (grid, successive halving or Optuna) ranked by validation loss.",
+    ),
+    Command(
+        "merge",
+        MergeConfig,
+        "merge:merge",
+        "Merge a LoRA adapter into its (de-quantized) base and verify the logits.",
+    ),
+    Command(
+        "export gguf",
+        ExportConfig,
+        "export:export_gguf",
+        "Merged model (and LoRA adapter) as GGUF for llama.cpp / Ollama.",
+    ),
+    Command(
+        "export ollama",
+        ExportConfig,
+        "export:export_ollama",
+        "A Modelfile with the training chat template, stop tokens and sampling defaults.",
+    ),
+    Command(
+        "export vllm",
+        ExportConfig,
+        "export:export_vllm",
+        "The `vllm serve` command for the merged model or base + adapter.",
+    ),
+    Command(
+        "export all",
+        ExportConfig,
+        "export:export_all",
+        "Merge, then GGUF, Ollama and vLLM exports into one folder with a README.",
+    ),
+    Command("models", None, "cli:print_models", "List the models usable offline and where they are cached."),
+    Command(
+        "data check",
+        DataCheckConfig,
+        "doctor:check",
+        "Validate and tokenize a dataset as training would; report what it found.",
+        (("dataset", {"nargs": "?", "metavar": "DATASET", "help": "same as --dataset"}),),
+    ),
+    Command(
+        "data convert",
+        DataConvertConfig,
+        "doctor:convert",
+        "Write any accepted format as normalised messages-JSONL.",
+        (("dataset", {"nargs": "?", "metavar": "DATASET", "help": "same as --dataset"}),),
+    ),
+    Command(
+        "demo",
+        DemoConfig,
+        "demo:demo",
+        "Train the embedded default on the demo data and compare answers before and after.",
+        defaults="demo:demo_settings",
+    ),
+)
+GROUPS = {"export": "Export to GGUF, Ollama or vLLM.", "data": "Check or convert a dataset."}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lorakit", description="JSONL instruction samples -> a fine-tuned LLM with LoRA / QLoRA."
     )
     p.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    def command(name: str, cls: type | None, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help, argument_default=argparse.SUPPRESS)
-        if cls is not None:
+    groups: dict[str, Any] = {}
+    for command in COMMANDS:
+        group, _, action = command.name.rpartition(" ")
+        where = sub
+        if group:
+            if group not in groups:
+                g = sub.add_parser(group, help=GROUPS[group], description=GROUPS[group])
+                groups[group] = g.add_subparsers(dest="action", metavar="ACTION", required=True)
+            where = groups[group]
+        sp = where.add_parser(
+            action, help=command.help, description=command.help, argument_default=argparse.SUPPRESS
+        )
+        sp.set_defaults(lorakit_command=command)
+        for name, kwargs in command.positional:
+            sp.add_argument(
+                f"{name}_arg" if command.config and name in _fields(command.config) else name, **kwargs
+            )
+        if command.config is not None:
             sp.add_argument(
                 "--config", metavar="YAML", help="YAML file with the same keys as the flags (flags win)"
             )
-            add_arguments(sp, cls)
-        return sp
-
-    command("train", TrainConfig, "Train a LoRA adapter on a JSONL dataset.")
-    g = command("generate", GenerateConfig, "Answer a prompt with a base model, optionally with an adapter.")
-    g.add_argument("prompt", help="the user message")
-    command(
-        "plan",
-        PlanConfig,
-        "Plan memory and speed of a training run (same flags as train), or --fit it to a GPU.",
-    )
-    command(
-        "eval",
-        EvalConfig,
-        "Evaluate an adapter (or merged model) on held-out rows: loss, scores, stop rate, failures.",
-    )
-    command(
-        "chat", ChatConfig, "Chat with a model (and adapter) in the terminal: /reset, /system TEXT, /exit."
-    )
-    command(
-        "serve",
-        ServeConfig,
-        "OpenAI-compatible HTTP server for local use (chat/completions, completions, models).",
-    )
-    command(
-        "sweep",
-        SweepConfig,
-        "Hyperparameter sweep (grid, successive halving or Optuna) ranked by validation loss.",
-    )
-    command("merge", MergeConfig, "Merge a LoRA adapter into its (de-quantized) base and verify the logits.")
-    export = sub.add_parser(
-        "export", help="Export to GGUF, Ollama or vLLM.", description="Export to GGUF, Ollama or vLLM."
-    )
-    export_sub = export.add_subparsers(dest="export_kind", metavar="TARGET", required=True)
-    for name, text in (
-        ("gguf", "Merged model (and LoRA adapter) as GGUF for llama.cpp / Ollama."),
-        ("ollama", "A Modelfile with the training chat template, stop tokens and sampling defaults."),
-        ("vllm", "The `vllm serve` command for the merged model or base + adapter."),
-        ("all", "Merge, then GGUF, Ollama and vLLM exports into one folder with a README."),
-    ):
-        sp = export_sub.add_parser(name, help=text, description=text, argument_default=argparse.SUPPRESS)
-        sp.add_argument(
-            "--config", metavar="YAML", help="YAML file with the same keys as the flags (flags win)"
-        )
-        add_arguments(sp, ExportConfig)
-    command("models", None, "List the models usable offline and where they are cached.")
-    data = sub.add_parser(
-        "data", help="Check or convert a dataset.", description="Check or convert a dataset."
-    )
-    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    for name, cls, text in (
-        (
-            "check",
-            DataCheckConfig,
-            "Validate and tokenize a dataset as training would; report what it found.",
-        ),
-        ("convert", DataConvertConfig, "Write any accepted format as normalised messages-JSONL."),
-    ):
-        sp = data_sub.add_parser(name, help=text, description=text, argument_default=argparse.SUPPRESS)
-        sp.add_argument("dataset_path", nargs="?", metavar="DATASET", help="same as --dataset")
-        sp.add_argument(
-            "--config", metavar="YAML", help="YAML file with the same keys as the flags (flags win)"
-        )
-        add_arguments(sp, cls)
-    command(
-        "demo",
-        DemoConfig,
-        "Train the embedded default on the demo data and compare answers before and after.",
-    )
+            add_arguments(sp, command.config)
     return p
+
+
+def _fields(cls: type) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _load(spec: str) -> Callable:
+    module, _, function = spec.partition(":")
+    return getattr(importlib.import_module(f"lorakit.{module}"), function)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,82 +194,40 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = _parser()
     args = vars(parser.parse_args(argv))
-    command = args.pop("command", None)
+    command: Command | None = args.pop("lorakit_command", None)
     if command is None:
         parser.print_help()
         return 2
+    for key in ("command", "action"):
+        args.pop(key, None)
     config_file = args.pop("config", None)
+    extra = {}
+    for name, _ in command.positional:
+        if command.config and name in _fields(command.config):  # a positional form of a flag
+            value = args.pop(f"{name}_arg", None)
+            if value is not None:
+                args[name] = value
+        else:
+            extra[name] = args.pop(name)
+    if command.wants_argv:
+        extra["argv"] = list(argv if argv is not None else sys.argv[1:])
     try:
-        if command == "train":
-            cfg = resolve(TrainConfig, args, config_file)
-            from .launch import launch, under_launcher
-
-            if cfg.num_processes > 1 and not under_launcher():
-                return launch(cfg, list(argv if argv is not None else sys.argv[1:]))
-            from .train import train
-
-            train(cfg)
-        elif command == "generate":
-            from .generate import generate
-
-            prompt = args.pop("prompt")
-            print(generate(resolve(GenerateConfig, args, config_file), prompt))
-        elif command == "sweep":
-            from .sweep import sweep
-
-            sweep(resolve(SweepConfig, args, config_file))
-        elif command == "eval":
-            from .evaluate import evaluate
-
-            evaluate(resolve(EvalConfig, args, config_file))
-        elif command == "chat":
-            from .chat import chat
-
-            chat(resolve(ChatConfig, args, config_file))
-        elif command == "serve":
-            from .serve import serve
-
-            serve(resolve(ServeConfig, args, config_file))
-        elif command == "merge":
-            from .merge import merge
-
-            merge(resolve(MergeConfig, args, config_file))
-        elif command == "export":
-            from .export import export
-
-            kind = args.pop("export_kind")
-            export(kind, resolve(ExportConfig, args, config_file))
-        elif command == "plan":
-            from .plan import plan
-
-            plan(resolve(PlanConfig, args, config_file))
-        elif command == "data":
-            from .doctor import check, convert
-
-            action = args.pop("data_command")
-            if args.get("dataset_path"):
-                args["dataset"] = args.pop("dataset_path")
-            args.pop("dataset_path", None)
-            if action == "check":
-                check(resolve(DataCheckConfig, args, config_file))
-            else:
-                convert(resolve(DataConvertConfig, args, config_file))
-        elif command == "models":
-            _print_models()
-        elif command == "demo":
-            from .demo import demo, demo_settings
-
-            demo(resolve(DemoConfig, args, config_file, base=demo_settings()))
+        if command.config is None:
+            _load(command.entry)()
+            return 0
+        base = _load(command.defaults)() if command.defaults else None
+        cfg = resolve(command.config, args, config_file, base=base)
+        result = _load(command.entry)(cfg, **extra)
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("lorakit: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return result if isinstance(result, int) else 0
 
 
-def _print_models() -> None:
+def print_models() -> None:
     from rich.console import Console
     from rich.table import Table
 

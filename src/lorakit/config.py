@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,24 +19,61 @@ from typing import Any
 
 from .errors import LorakitError
 
-# The system prompt of the guide's example (its data-format section).
-DEFAULT_SYSTEM_PROMPT = "You are an expert SNES developer."
 # The guide's seven projections: attention (q/k/v/o) and the MLP (gate/up/down).
 GUIDE_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field: its default, its one-line docstring and, for strings, its allowed values."""
-    meta = {"help": help, "choices": choices}
+def opt(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    resumable: bool = False,
+    sweepable: bool = True,
+) -> Any:
+    """A config field: its default, its one-line docstring and, for strings, its allowed values.
+
+    `resumable`: may differ between a checkpoint and its resume without changing the run's maths.
+    `sweepable`: `lorakit sweep --param` may vary it.
+    """
+    meta = {"help": help, "choices": choices, "resumable": resumable, "sweepable": sweepable}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+def field_names(cls: type, **policy: bool) -> set[str]:
+    """Names of the fields of `cls` whose metadata matches `policy` (e.g. resumable=True)."""
+    return {
+        f.name
+        for f in dataclasses.fields(cls)
+        if all(f.metadata.get(k, False) == v for k, v in policy.items())
+    }
+
+
+def narrow(cfg: Any, cls: type, **overrides: Any) -> Any:
+    """A `cls` config holding the fields it shares with `cfg` (then `overrides`)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
+    return cls(**{**values, **overrides})
+
+
+def size_band(n_rows: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(rank range, epoch range) the guide recommends for a dataset of `n_rows` rows."""
+    if n_rows < 1000:
+        return (8, 16), (5, 10)
+    if n_rows <= 10000:
+        return (32, 64), (3, 5)
+    return (128, 256), (1, 3)
+
+
 @dataclass
 class ModelArgs:
     base_model: str = opt(
-        "", "Hub id, local HF model directory or .gguf file ('' = the embedded SmolLM2-135M-Instruct)."
+        "",
+        "Hub id, local HF model directory or .gguf file ('' = the embedded SmolLM2-135M-Instruct).",
+        resumable=True,  # a resume checks the base by content (checkpoints.py), not by path
+        sweepable=False,
     )
     trust_remote_code: bool = opt(
         False, "Allow model code from the hub repository to run (only for ids you trust)."
@@ -44,15 +82,21 @@ class ModelArgs:
 
 @dataclass
 class PromptArgs:
-    system_prompt: str = opt(
-        DEFAULT_SYSTEM_PROMPT,
-        "System message before every conversation ('' for none); a row's own system field wins.",
+    system_prompt: str | None = opt(
+        None,
+        "System message before every conversation; a row's own system field wins. Unset: none in "
+        "training, the adapter's own at inference; '' = none.",
     )
 
 
 @dataclass
 class DataArgs:
-    dataset: str = opt("", "JSONL/JSON file, directory, glob or HF datasets id ('' = the bundled demo data).")
+    dataset: str = opt(
+        "",
+        "JSONL/JSON file, directory, glob or HF datasets id ('' = the bundled demo data).",
+        resumable=True,
+        sweepable=False,
+    )
     dataset_format: str = opt(
         "auto",
         "Row format; auto detects it from each row's keys.",
@@ -69,11 +113,20 @@ class DataArgs:
         "Which assistant turns of a multi-turn conversation carry the loss.",
         choices=("all_assistant", "last_assistant"),
     )
-    skip_bad_rows: bool = opt(False, "Skip (and list) invalid rows instead of failing on the first one.")
-    val_size: float = opt(
-        0.0, "Validation split taken from the data: a fraction (< 1) or a row count (>= 1); 0 = none."
+    skip_bad_rows: bool = opt(
+        False, "Skip (and list) invalid rows instead of failing on the first one.", resumable=True
     )
-    val_dataset: str = opt("", "Separate validation data (same forms as --dataset); overrides val_size.")
+    val_size: float = opt(
+        0.0,
+        "Validation split taken from the data: a fraction (< 1) or a row count (>= 1); 0 = none.",
+        sweepable=False,
+    )
+    val_dataset: str = opt(
+        "",
+        "Separate validation data (same forms as --dataset); overrides val_size.",
+        resumable=True,
+        sweepable=False,
+    )
     seed: int = opt(42, "Random seed for the validation split, the data order and LoRA initialisation.")
 
 
@@ -82,8 +135,15 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
     output_dir: str = opt(
         "outputs/lorakit-run",
         "Directory for the adapter, tokenizer, lorakit.yaml, metrics.jsonl and TensorBoard runs/.",
+        resumable=True,
+        sweepable=False,
     )
-    overwrite: bool = opt(False, "Replace an adapter already in output_dir instead of refusing.")
+    overwrite: bool = opt(
+        False,
+        "Replace an adapter already in output_dir instead of refusing.",
+        resumable=True,
+        sweepable=False,
+    )
     lora_r: int = opt(64, "LoRA rank: the inner dimension of the A (r x d_in) and B (d_out x r) matrices.")
     lora_alpha: float = opt(128, "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r.")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA branch input (0 is ~13% faster on CPU).")
@@ -110,9 +170,9 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         "Dtype of the 4-bit matmuls (auto: bf16 where supported, else fp16 on GPU, fp32 on CPU).",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
-    batch_size: int = opt(4, "Rows per device per forward pass (micro-batch).")
+    batch_size: int = opt(4, "Rows per device per forward pass (micro-batch).", resumable=True)
     gradient_accumulation_steps: int = opt(
-        4, "Micro-batches per optimizer step (effective batch = batch_size x this)."
+        4, "Micro-batches per optimizer step (effective batch = batch_size x this).", resumable=True
     )
     learning_rate: float = opt(2e-4, "Peak AdamW learning rate.")
     num_epochs: float = opt(3.0, "Passes over the training data (ignored when max_steps > 0).")
@@ -135,36 +195,60 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         0, "Stop after this many evaluations without a lower validation loss; restore the best (0 = off)."
     )
     save_steps: int = opt(
-        100, "Write a resumable checkpoint every this many steps (early stopping: every eval)."
+        100,
+        "Write a resumable checkpoint every this many steps (early stopping: every eval).",
+        resumable=True,
+        sweepable=False,
     )
-    save_total_limit: int = opt(3, "Keep only the newest this many checkpoints (and the best one).")
-    resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
-    resume_from_checkpoint: str = opt("", "Continue from this checkpoint directory.")
+    save_total_limit: int = opt(
+        3, "Keep only the newest this many checkpoints (and the best one).", resumable=True
+    )
+    resume: bool = opt(
+        False, "Continue from the newest complete checkpoint in output_dir.", resumable=True, sweepable=False
+    )
+    resume_from_checkpoint: str = opt(
+        "", "Continue from this checkpoint directory.", resumable=True, sweepable=False
+    )
     resume_ignore_changes: bool = opt(
-        False, "Resume even if the data, chat template or settings differ from the checkpoint's."
+        False,
+        "Resume even if the data, chat template or settings differ from the checkpoint's.",
+        resumable=True,
+        sweepable=False,
     )
     auto_batch_size: bool = opt(
         True,
         "On out-of-memory: halve batch_size, double gradient_accumulation_steps, continue from the last step.",
+        resumable=True,
     )
     max_nonfinite_steps: int = opt(
-        3, "Stop after this many consecutive steps with a NaN/inf loss or gradient (each one is skipped)."
+        3,
+        "Stop after this many consecutive steps with a NaN/inf loss or gradient (each one is skipped).",
+        resumable=True,
     )
     no_progress_steps: int = opt(
-        100, "Warn when the training loss has not fallen after this many optimizer steps (0 = never)."
+        100,
+        "Warn when the training loss has not fallen after this many optimizer steps (0 = never).",
+        resumable=True,
     )
     chunked_loss: bool = opt(
-        True, "Loss on supervised positions only, in chunks: no full [tokens, vocab] logits (same value)."
+        True,
+        "Loss on supervised positions only, in chunks: no full [tokens, vocab] logits (same value).",
+        resumable=True,
     )
     padding_free: bool = opt(
         False,
         "Pack each micro-batch into one row with per-row positions (no padding; fastest with flash-attention on GPU).",
+        resumable=True,
     )
     torch_compile: bool = opt(
-        False, "Compile the model with torch.compile (slow first steps, recompiles for new shapes)."
+        False,
+        "Compile the model with torch.compile (slow first steps, recompiles for new shapes).",
+        resumable=True,
     )
     use_liger_kernel: bool = opt(
-        False, "Use Liger's fused GPU kernels (pip install liger-kernel; replaces --chunked_loss)."
+        False,
+        "Use Liger's fused GPU kernels (pip install liger-kernel; replaces --chunked_loss).",
+        resumable=True,
     )
     num_processes: int = opt(
         1, "Launch this many processes through `accelerate launch` (one per GPU; gloo on CPU)."
@@ -175,11 +259,39 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         choices=("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"),
     )
     eval_steps: int = opt(
-        0, "With validation data: evaluate its loss every this many steps (0 = at each epoch's end)."
+        0,
+        "With validation data: evaluate its loss every this many steps (0 = at each epoch's end).",
+        sweepable=False,
     )
     logging_steps: int = opt(
-        5, "Log train loss, learning rate and throughput every this many optimizer steps."
+        5,
+        "Log train loss, learning rate and throughput every this many optimizer steps.",
+        resumable=True,
+        sweepable=False,
     )
+
+    def __post_init__(self) -> None:
+        # Checks that need no hardware: plan, sweep and train refuse the same combinations.
+        if self.fp16 and self.bf16:
+            raise LorakitError("--fp16 and --bf16 are exclusive: pick one")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise LorakitError("--load_in_4bit and --load_in_8bit are exclusive: pick one")
+
+    @property
+    def precision(self) -> str:
+        """The mixed-precision mode the flags ask for: fp16, bf16 or fp32 (none)."""
+        return "fp16" if self.fp16 else "bf16" if self.bf16 else "fp32"
+
+    def steps_per_epoch(self, n_rows: int) -> int:
+        """Optimizer steps in one pass over `n_rows` training rows."""
+        micro_batches = math.ceil(n_rows / self.batch_size)
+        return max(1, math.ceil(micro_batches / self.gradient_accumulation_steps))
+
+    def total_steps(self, n_rows: int) -> int:
+        """Optimizer steps of the whole run: max_steps, or num_epochs passes over `n_rows` rows."""
+        if self.max_steps > 0:
+            return self.max_steps
+        return max(1, math.ceil(self.steps_per_epoch(n_rows) * self.num_epochs))
 
 
 @dataclass
@@ -241,7 +353,9 @@ class DataConvertConfig(DataArgs, PromptArgs):
 
 @dataclass
 class SamplingArgs:
-    temperature: float = opt(0.3, "Sampling temperature (the guide's serving value; 0 = greedy decoding).")
+    temperature: float = opt(
+        0.0, "Sampling temperature; 0 = greedy decoding, so the same prompt gives the same answer."
+    )
     top_p: float = opt(0.9, "Nucleus sampling mass (used when temperature > 0).")
     top_k: int = opt(40, "Sample from the k most likely tokens (used when temperature > 0).")
 
@@ -274,6 +388,7 @@ class MergeConfig(ModelArgs, AdapterArgs):
 
 @dataclass
 class ExportConfig(MergeConfig, SamplingArgs):
+    temperature: float = opt(0.3, "PARAMETER temperature of the Modelfile (the guide's serving value).")
     model: str = opt("", "An already merged model directory (instead of --adapter).")
     output_dir: str = opt("outputs/export", "Directory for the exported files.")
     quant: str = opt("f16", "GGUF tensor type of the weights.", choices=("f32", "f16", "bf16", "q8_0"))
@@ -335,7 +450,10 @@ class DemoConfig(TrainConfig):
 
 
 def _type_of(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
+    """The field's type, with `X | None` read as X (None is its "not given" default)."""
+    kind = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if type(None) in typing.get_args(kind) and len(args) == 1 else kind
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -343,7 +461,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         kind = _type_of(cls, f.name)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = ",".join(default) if isinstance(default, list) else repr(default)
+        shown = (
+            ",".join(default) if isinstance(default, list) else "unset" if default is None else repr(default)
+        )
         help_text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
@@ -381,7 +501,8 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
             raise LorakitError(f"{bad} (a list of names)")
         return value
     if value is None:
-        return ""
+        field_ = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return None if field_.default is None else ""
     if not isinstance(value, str):
         raise LorakitError(f"{bad} (quote it)")
     choices = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("choices")

@@ -19,9 +19,10 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import LorakitError
+from .io import say
 
 IGNORE_INDEX = -100
 
@@ -396,10 +397,7 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.fallback = not getattr(tokenizer, "chat_template", None)
         if self.fallback:
-            print(
-                "lorakit: the tokenizer has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)",
-                flush=True,
-            )
+            say("lorakit: the tokenizer has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)")
             tokenizer.chat_template = CHATML_TEMPLATE
         # Tokens the tokenizer itself puts before any text (BOS for Llama-style tokenizers).
         with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -421,7 +419,7 @@ class ChatFormat:
         if self.template_writes_bos:
             # Tokenizing such a render with add_special_tokens=True (what many scripts do) gives
             # <bos><bos>; lorakit adds none of its own here.
-            print("lorakit: the chat template writes BOS itself; not adding a second one", flush=True)
+            say("lorakit: the chat template writes BOS itself; not adding a second one")
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
@@ -613,56 +611,81 @@ def encode_samples(
     return examples
 
 
-def load_samples(cfg) -> tuple[list[Sample], list[Sample], DataReport]:
+class Samples(NamedTuple):
+    """Validated rows of a dataset, split, with what was found on the way."""
+
+    train: list[Sample]
+    val: list[Sample]
+    report: DataReport
+
+
+class Encoded(NamedTuple):
+    """Token ids and labels of a dataset as training sees them (dicts with input_ids, labels,
+    source), the report with the length policy applied, and the chat format used."""
+
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    report: DataReport
+    chat: ChatFormat
+
+
+def load_samples(cfg) -> Samples:
     """Read, validate, de-duplicate and split the data of a config with DataArgs and PromptArgs."""
     from collections import Counter
 
+    system = cfg.system_prompt or ""
     rows = load_rows(cfg.dataset or str(demo_path("train")), cfg.skip_bad_rows)
     report = DataReport(rows=len(rows))
-    samples, report.skipped = to_samples(rows, cfg.dataset_format, cfg.system_prompt, cfg.skip_bad_rows)
+    samples, report.skipped = to_samples(rows, cfg.dataset_format, system, cfg.skip_bad_rows)
     samples, report.duplicates = dedupe(samples)
     report.formats = dict(Counter(s.format for s in samples))
     if cfg.val_dataset:
         val, skipped = to_samples(
-            load_rows(cfg.val_dataset, cfg.skip_bad_rows),
-            cfg.dataset_format,
-            cfg.system_prompt,
-            cfg.skip_bad_rows,
+            load_rows(cfg.val_dataset, cfg.skip_bad_rows), cfg.dataset_format, system, cfg.skip_bad_rows
         )
         report.skipped += skipped
         val, _ = dedupe(val)
         train_keys = {s.key() for s in samples}
         report.val_leaks_removed = sum(s.key() in train_keys for s in val)
-        val = [
-            s for s in val if s.key() not in train_keys
-        ]  # a validation row seen in training measures nothing
+        # A validation row seen in training measures nothing.
+        val = [s for s in val if s.key() not in train_keys]
     else:
         samples, val = split_validation(samples, cfg.val_size, cfg.seed)
-    return samples, val, report
+    return Samples(samples, val, report)
 
 
-def prepare_data(cfg, tokenizer, samples=None) -> tuple[list[dict], list[dict], DataReport]:
-    """(train examples, validation examples, report) for a config with DataArgs and PromptArgs;
-    `samples` is what load_samples(cfg) returned, when the caller already has it."""
-    train_samples, val_samples, report = samples or load_samples(cfg)
-    chat = ChatFormat(tokenizer)
+def encode_data(
+    samples: Samples,
+    chat: ChatFormat,
+    cfg,
+    *,
+    max_seq_length: int | None = None,
+    train_on: str | None = None,
+    allow_empty: bool = False,
+) -> Encoded:
+    """The one encoding path of train, doctor, plan, evaluate and sweep: `samples` encoded with
+    the config's length policy and train_on setting (each overridable), counted in a copy of the
+    samples' report."""
+    import copy
+
+    report = copy.deepcopy(samples.report)
     report.chatml_fallback = chat.fallback
     kw = {
-        "max_seq_length": cfg.max_seq_length,
+        "max_seq_length": max_seq_length or cfg.max_seq_length,
         "overlength": cfg.overlength,
-        "train_on": cfg.train_on,
+        "train_on": train_on or cfg.train_on,
         "skip_bad_rows": cfg.skip_bad_rows,
     }
-    train = encode_samples(train_samples, chat, report=report, **kw)
+    train = encode_samples(samples.train, chat, report=report, **kw)
     val_report = DataReport()
-    val = encode_samples(val_samples, chat, report=val_report, **kw)
+    val = encode_samples(samples.val, chat, report=val_report, **kw)
     report.skipped += val_report.skipped
     report.kept, report.val_rows = len(train), len(val)
-    if not train:
+    if not train and not allow_empty:
         raise LorakitError(
             f"no trainable rows left of {report.rows}: {report.summary()} (raise --max_seq_length?)"
         )
-    return train, val, report
+    return Encoded(train, val, report, chat)
 
 
 def encode_rows(

@@ -7,7 +7,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from .config import DemoConfig, EvalConfig, ExportConfig, TrainConfig, read_yaml
+from .config import DemoConfig, EvalConfig, ExportConfig, TrainConfig, narrow, read_yaml
+from .io import say
 
 
 def demo_settings() -> dict:
@@ -15,18 +16,15 @@ def demo_settings() -> dict:
 
 
 def demo(cfg: DemoConfig) -> Path:
-    import torch
-
     from .evaluate import evaluate
     from .export import export_ollama
-    from .train import cpu_supports_bf16, train
+    from .models import hardware_supports_bf16
+    from .train import train
 
-    if not (cfg.fp16 or cfg.bf16) and (
-        torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_supports_bf16()
-    ):
+    if not (cfg.fp16 or cfg.bf16) and hardware_supports_bf16():
         cfg = dataclasses.replace(cfg, bf16=True)
     t0 = time.perf_counter()
-    out = train(TrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}))
+    out = train(narrow(cfg, TrainConfig))
     t1 = time.perf_counter()
     # Base vs tuned on held-out rows whose operands training never saw (greedy decoding).
     report = evaluate(
@@ -54,7 +52,7 @@ def demo(cfg: DemoConfig) -> Path:
     )
     t3 = time.perf_counter()
     base, tuned = report["base"], report["tuned"]
-    print(
+    say(
         f"lorakit: demo done: exact match {base['exact_match']:.1%} -> {tuned['exact_match']:.1%}, "
         f"token F1 {base['token_f1']:.1%} -> {tuned['token_f1']:.1%}, stop rate {base['stop_rate']:.0%} -> "
         f"{tuned['stop_rate']:.0%} (train {t1 - t0:.0f} s, eval {t2 - t1:.0f} s, export {t3 - t2:.0f} s)"

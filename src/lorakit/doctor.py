@@ -7,20 +7,19 @@ import json
 import math
 from pathlib import Path
 
-from .config import DataCheckConfig, DataConvertConfig
+from .config import DataCheckConfig, DataConvertConfig, size_band
 from .data import (
     IGNORE_INDEX,
     ChatFormat,
-    DataReport,
     dedupe,
     demo_path,
-    encode_samples,
+    encode_data,
     load_rows,
     load_samples,
     to_samples,
 )
 from .errors import LorakitError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, say
 
 
 def percentile(values: list[int], q: float) -> int:
@@ -32,52 +31,36 @@ def percentile(values: list[int], q: float) -> int:
 def recommend(n_rows: int, lengths: list[int]) -> dict:
     """The guide's rules of thumb for rank and epochs by dataset size, and a max_seq_length that
     keeps every row unless a few outliers would more than double it."""
-    if n_rows < 1000:
-        rank, epochs = "8-16", "5-10"
-    elif n_rows <= 10000:
-        rank, epochs = "32-64", "3-5"
-    else:
-        rank, epochs = "128-256", "1-3"
+    (r_lo, r_hi), (e_lo, e_hi) = size_band(n_rows)
     longest, p99 = max(lengths), percentile(lengths, 99)
     target = longest if longest <= 2 * p99 else p99
-    return {"lora_r": rank, "num_epochs": epochs, "max_seq_length": int(math.ceil(target / 64) * 64)}
+    return {
+        "lora_r": f"{r_lo}-{r_hi}",
+        "num_epochs": f"{e_lo}-{e_hi}",
+        "max_seq_length": int(math.ceil(target / 64) * 64),
+    }
 
 
 def check(cfg: DataCheckConfig) -> dict:
     """Validate and tokenize the data exactly as `train` would, and report what it found."""
     from .models import load_tokenizer, resolve_base_model
 
-    train, val, report = load_samples(cfg)
+    samples = load_samples(cfg)
     tokenizer = load_tokenizer(resolve_base_model(cfg.base_model), cfg.trust_remote_code)
     chat = ChatFormat(tokenizer)
-    report.chatml_fallback = chat.fallback
     # Lengths of every row before the length policy, then the policy itself.
-    full = encode_samples(
-        train + val,
-        chat,
-        max_seq_length=1 << 30,
-        train_on=cfg.train_on,
-        skip_bad_rows=cfg.skip_bad_rows,
-        report=DataReport(),
-    )
-    lengths = [len(e["input_ids"]) for e in full]
-    kept = encode_samples(
-        train,
-        chat,
-        cfg.max_seq_length,
-        cfg.overlength,
-        cfg.train_on,
-        report=report,
-        skip_bad_rows=cfg.skip_bad_rows,
-    )
-    report.kept, report.val_rows = len(kept), len(val)
-    supervised = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in full)
+    full = encode_data(samples, chat, cfg, max_seq_length=1 << 30, allow_empty=True)
+    full_rows = full.train + full.val
+    lengths = [len(e["input_ids"]) for e in full_rows]
+    kept = encode_data(samples._replace(val=[]), chat, cfg, allow_empty=True)
+    report = kept.report
+    supervised = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in full_rows)
     result = {
         "dataset": cfg.dataset or str(demo_path("train")),
         "rows": report.rows,
         "formats": report.formats,
         "train_rows": report.kept,
-        "validation_rows": len(val),
+        "validation_rows": len(samples.val),
         "duplicates_dropped": report.duplicates,
         "bad_rows_skipped": report.skipped,
         "over_max_seq_length": {
@@ -98,7 +81,7 @@ def check(cfg: DataCheckConfig) -> dict:
         "recommended": recommend(report.rows, lengths),
         "lengths": lengths,
     }
-    _print_check(result, full[: cfg.preview], tokenizer)
+    _print_check(result, full_rows[: cfg.preview], tokenizer)
     if cfg.plot:
         _plot_lengths(lengths, cfg.max_seq_length, Path(cfg.plot))
     if cfg.output:
@@ -191,7 +174,7 @@ def convert(cfg: DataConvertConfig) -> Path:
     if not cfg.output:
         raise LorakitError("data convert needs --output FILE.jsonl")
     rows = load_rows(cfg.dataset or str(demo_path("train")), cfg.skip_bad_rows)
-    samples, skipped = to_samples(rows, cfg.dataset_format, cfg.system_prompt, cfg.skip_bad_rows)
+    samples, skipped = to_samples(rows, cfg.dataset_format, cfg.system_prompt or "", cfg.skip_bad_rows)
     samples, duplicates = dedupe(samples)
     lines = [
         json.dumps(
@@ -200,9 +183,9 @@ def convert(cfg: DataConvertConfig) -> Path:
         for s in samples
     ]
     out = atomic_write_text(cfg.output, "\n".join(lines) + "\n")
-    print(
+    say(
         f"lorakit: wrote {len(samples)} rows to {out} ({len(duplicates)} duplicates dropped, {len(skipped)} bad rows skipped)"
     )
     for msg in skipped:
-        print(f"  skipped {msg}")
+        say(f"  skipped {msg}")
     return out

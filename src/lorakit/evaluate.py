@@ -13,9 +13,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEFAULT_SYSTEM_PROMPT, EvalConfig
+from .config import EvalConfig
 from .errors import LorakitError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, say
 
 METRICS = ("exact_match", "token_f1", "rouge_l", "chrf")
 
@@ -70,11 +70,6 @@ def score(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean of each metric over rows."""
     rows = [row_scores(p, r) for p, r in zip(predictions, references)]
     return {m: sum(r[m] for r in rows) / max(len(rows), 1) for m in METRICS}
-
-
-def effective_system_prompt(requested: str, trained: dict) -> str:
-    """The adapter's training system prompt unless another one was asked for."""
-    return trained.get("system_prompt", requested) if requested == DEFAULT_SYSTEM_PROMPT else requested
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,18 +162,26 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate an adapter (or merged model), optionally beside its base; writes the reports."""
     import dataclasses
 
-    from .data import DataReport, demo_path, encode_samples, load_samples
-    from .generate import adapter_settings, load_for_inference
+    from .adapter import inference_system_prompt, open_adapter
+    from .data import Samples, demo_path, encode_data, load_samples
+    from .generate import load_for_inference
 
     if cfg.adapter and cfg.model:
         raise LorakitError("give --adapter or --model, not both")
-    trained = adapter_settings(cfg.adapter) if cfg.adapter else {}
-    system = effective_system_prompt(cfg.system_prompt, trained)
+    trained = open_adapter(cfg.adapter)
+    system = inference_system_prompt(cfg.system_prompt, trained)
+    # The loss covers the assistant turns the adapter was trained on (its --train_on).
+    train_on = trained.settings.train_on if trained else cfg.train_on
     data_cfg = dataclasses.replace(
-        cfg, dataset=cfg.dataset or str(demo_path("test")), system_prompt=system, val_size=0.0, val_dataset=""
+        cfg,
+        dataset=cfg.dataset or str(demo_path("test")),
+        system_prompt=system,
+        val_size=0.0,
+        val_dataset="",
+        train_on=train_on,
     )
-    samples, _, _ = load_samples(data_cfg)
-    samples = [s for s in samples if s.messages is not None]
+    loaded = load_samples(data_cfg)
+    samples = [s for s in loaded.train if s.messages is not None]
     if not samples:
         raise LorakitError(
             f"{data_cfg.dataset}: no conversation rows to evaluate (raw text rows have no reference answer)"
@@ -186,11 +189,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.max_rows:
         samples = samples[: cfg.max_rows]
     model, tokenizer, chat = load_for_inference(
-        cfg.model or cfg.base_model, cfg.adapter, cfg.trust_remote_code
+        cfg.model or cfg.base_model, trained or "", cfg.trust_remote_code
     )
-    examples = encode_samples(
-        samples, chat, max_seq_length=1 << 30, train_on="last_assistant", report=DataReport()
-    )
+    examples = encode_data(Samples(samples, [], loaded.report), chat, data_cfg, max_seq_length=1 << 30).train
     label = "tuned" if (cfg.adapter or cfg.model) else "base"
     summary, rows = run_eval(model, tokenizer, chat, samples, examples, cfg)
     results = {label: summary}
@@ -206,6 +207,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "adapter": cfg.adapter,
         "model": cfg.model,
         "system_prompt": system,
+        "loss_turns": train_on,
         **results,
     }
     if "base" in results:
@@ -229,7 +231,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     _bar_chart(results, out / "eval.png")
     _write_failures(rows, cfg.failures, out / "failures.jsonl")
     print_report(results, rows, base_rows)
-    print(f"lorakit: eval report in {out} (eval.json, eval.md, eval.png, failures.jsonl)")
+    say(f"lorakit: eval report in {out} (eval.json, eval.md, eval.png, failures.jsonl)")
     return report
 
 
@@ -282,7 +284,13 @@ def markdown_report(report: dict, results: dict) -> str:
         lines.append(f"| {k} | {vals}{delta} |")
     lines += [
         "",
-        f"{results[cols[0]]['rows']} rows. Stop rate: share of answers that ended with the end-of-turn token "
+        f"{results[cols[0]]['rows']} rows. Loss and perplexity: over the tokens of "
+        + (
+            "every assistant turn"
+            if report.get("loss_turns") != "last_assistant"
+            else "the last assistant turn"
+        )
+        + " (as training supervised them); the scores compare the last turn's answer. Stop rate: share of answers that ended with the end-of-turn token "
         "before the token limit (a model that never stops is the most common fine-tuning failure).",
         "",
     ]

@@ -15,48 +15,15 @@ import re
 import shlex
 from pathlib import Path
 
-from .config import ExportConfig, MergeConfig, TrainConfig
+from .adapter import Adapter, open_adapter
+from .config import ExportConfig, MergeConfig, narrow
 from .errors import LorakitError
-from .io import atomic_write_text
+from .io import atomic_write_text, say
+from .pretokenizer import name_for_tokenizer
 
 # transformers model_type -> (llama.cpp architecture, q/k rows need the rotary permutation)
 GGUF_ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-# Pre-tokenizer names llama.cpp knows, by the split rule of the HF tokenizer.
-_LETTERS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
-_TAIL = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-PRE_TOKENIZER_REGEX = {
-    "llama-bpe": _LETTERS + r"\p{N}{1,3}|" + _TAIL,
-    "qwen2": _LETTERS + r"\p{N}|" + _TAIL,
-}
-
-
-def _pre_tokenizer_name(tokenizer, base_gguf: str = "") -> str:
-    """The `tokenizer.ggml.pre` value: llama.cpp picks its split regex by this name, and an
-    unknown or wrong one silently changes tokenization at inference."""
-    if base_gguf:  # the base came from a GGUF: keep what it said
-        import gguf
-
-        field = gguf.GGUFReader(base_gguf).fields.get("tokenizer.ggml.pre")
-        if field is not None:
-            return str(field.contents())
-    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre])
-    kinds = [p.get("type") for p in parts]
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm"
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds and kinds[0] == "Split":
-        regex = parts[0].get("pattern", {}).get("Regex", "")
-        for name, known in PRE_TOKENIZER_REGEX.items():
-            if regex == known:
-                return name
-    raise LorakitError(
-        f"the tokenizer's pre-tokenizer ({kinds}) matches none llama.cpp knows "
-        f"(smollm, gpt-2, {', '.join(PRE_TOKENIZER_REGEX)}); export the GGUF with llama.cpp's converter"
-    )
 
 
 def _check_arch(config) -> tuple[str, bool]:
@@ -179,7 +146,7 @@ def write_gguf(model_dir: str | Path, path: str | Path, quant: str = "f16", base
     config = AutoConfig.from_pretrained(model_dir)
     arch, permute = _check_arch(config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pre = _pre_tokenizer_name(tokenizer, base_gguf)
+    pre = name_for_tokenizer(tokenizer, base_gguf)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     tmp = path.with_name(f".{path.name}.partial")
     writer = gguf.GGUFWriter(str(tmp), arch)
@@ -225,7 +192,7 @@ def write_lora_gguf(adapter: str | Path, path: str | Path, base_dir: str | Path)
     from transformers import AutoConfig
 
     adapter, path = Path(adapter), Path(path)
-    lora_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    lora_cfg = Adapter.open(adapter).lora_config
     if lora_cfg.get("use_dora") or lora_cfg.get("modules_to_save"):
         raise LorakitError(
             "a GGUF LoRA cannot hold DoRA magnitudes or modules_to_save: merge and export the model instead"
@@ -362,10 +329,8 @@ def modelfile(from_line: str, tokenizer, system: str, cfg: ExportConfig, adapter
 # Commands
 
 
-def _trained(cfg: ExportConfig) -> TrainConfig:
-    from .merge import training_settings
-
-    return training_settings(cfg.adapter) if cfg.adapter else TrainConfig()
+def _adapter(cfg: ExportConfig) -> Adapter | None:
+    return open_adapter(cfg.adapter)
 
 
 def _merged_dir(cfg: ExportConfig, out: Path) -> Path:
@@ -381,39 +346,35 @@ def _merged_dir(cfg: ExportConfig, out: Path) -> Path:
         return merged
     from .merge import merge
 
-    fields = {f: getattr(cfg, f) for f in MergeConfig.__dataclass_fields__}
-    return merge(MergeConfig(**{**fields, "output_dir": str(merged), "overwrite": True}))
+    return merge(narrow(cfg, MergeConfig, output_dir=str(merged), overwrite=True))
 
 
 def _base_gguf(cfg: ExportConfig) -> str:
-    from .models import resolve_base_model
-
-    trained = _trained(cfg)
-    return resolve_base_model(cfg.base_model or trained.base_model).gguf if cfg.adapter else ""
+    """The GGUF file the adapter's base came from ('' for other bases): its pre-tokenizer name is kept."""
+    adapter = _adapter(cfg)
+    return adapter.resolve_base(cfg.base_model).gguf if adapter else ""
 
 
 def export_gguf(cfg: ExportConfig, merged: Path | None = None) -> Path:
     out = Path(cfg.output_dir)
     merged = merged or _merged_dir(cfg, out)
     path = write_gguf(merged, out / f"model-{cfg.quant}.gguf", cfg.quant, _base_gguf(cfg))
-    print(f"lorakit: wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    say(f"lorakit: wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return path
 
 
 def export_ollama(cfg: ExportConfig) -> Path:
     from transformers import AutoTokenizer
 
-    from .models import resolve_base_model
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trained = _trained(cfg)
-    system = cfg.system or trained.system_prompt
+    adapter = _adapter(cfg)
+    system = cfg.system or (adapter.system_prompt if adapter else "")
     adapter_line = ""
     if cfg.ollama_from == "adapter":
-        if not cfg.adapter:
+        if adapter is None:
             raise LorakitError("--ollama_from adapter needs --adapter DIR")
-        base = resolve_base_model(cfg.base_model or trained.base_model)
+        base = adapter.resolve_base(cfg.base_model)
         write_lora_gguf(cfg.adapter, out / "adapter.gguf", base.path)
         base_file = base.gguf or str(write_gguf(base.path, out / f"base-{cfg.quant}.gguf", cfg.quant))
         from_line, adapter_line = base_file, "./adapter.gguf"
@@ -430,7 +391,7 @@ def export_ollama(cfg: ExportConfig) -> Path:
         from_line = f"./{gguf_path.name}"
         tokenizer = AutoTokenizer.from_pretrained(merged)
     path = atomic_write_text(out / "Modelfile", modelfile(from_line, tokenizer, system, cfg, adapter_line))
-    print(
+    say(
         f"lorakit: wrote {path}\n  cd {out} && ollama create {cfg.ollama_name} -f Modelfile && ollama run {cfg.ollama_name}"
     )
     return path
@@ -439,7 +400,8 @@ def export_ollama(cfg: ExportConfig) -> Path:
 def vllm_command(cfg: ExportConfig, merged: Path | None) -> str:
     if merged is not None:
         return f"vllm serve {shlex.quote(str(merged))} --port {cfg.port} --generation-config auto"
-    lora_cfg = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text())
+    adapter = Adapter.open(cfg.adapter)
+    lora_cfg = adapter.lora_config
     if lora_cfg.get("modules_to_save"):
         raise LorakitError(
             "vLLM refuses LoRA adapters with modules_to_save (e.g. lm_head/embed_tokens): serve the merged model"
@@ -447,7 +409,7 @@ def vllm_command(cfg: ExportConfig, merged: Path | None) -> str:
     if lora_cfg.get("use_dora"):
         raise LorakitError("vLLM does not serve DoRA adapters: serve the merged model")
     rank = next(r for r in VLLM_LORA_RANKS if r >= lora_cfg["r"])
-    base = _trained(cfg).base_model or lora_cfg.get("base_model_name_or_path", "")
+    base = adapter.base_model or lora_cfg.get("base_model_name_or_path", "")
     return (
         f"vllm serve {shlex.quote(base)} --port {cfg.port} --enable-lora --max-lora-rank {rank} "
         f"--lora-modules {shlex.quote(cfg.ollama_name)}={shlex.quote(str(Path(cfg.adapter).resolve()))}"
@@ -467,7 +429,7 @@ def export_vllm(cfg: ExportConfig) -> Path:
     lines += ["# merged model:", vllm_command(cfg, merged.resolve())]
     path = atomic_write_text(out / "vllm.sh", "\n".join(lines) + "\n")
     path.chmod(0o755)
-    print(f"lorakit: wrote {path}\n  " + "\n  ".join(x for x in lines[2:] if not x.startswith("#")))
+    say(f"lorakit: wrote {path}\n  " + "\n  ".join(x for x in lines[2:] if not x.startswith("#")))
     return path
 
 
@@ -479,18 +441,12 @@ def export_all(cfg: ExportConfig) -> Path:
     export_gguf(cfg, merged)
     cfg = dataclasses.replace(cfg, overwrite=False)  # reuse the merge and the GGUF just written
     export_ollama(cfg)
-    if cfg.adapter:
+    adapter = _adapter(cfg)
+    if adapter is not None:
         try:
-            trained = _trained(cfg)
-            from .models import resolve_base_model
-
-            write_lora_gguf(
-                cfg.adapter,
-                out / "adapter.gguf",
-                resolve_base_model(cfg.base_model or trained.base_model).path,
-            )
+            write_lora_gguf(cfg.adapter, out / "adapter.gguf", adapter.resolve_base(cfg.base_model).path)
         except LorakitError as e:
-            print(f"lorakit: no GGUF LoRA: {e}")
+            say(f"lorakit: no GGUF LoRA: {e}")
     export_vllm(cfg)
     readme = f"""# Exported model
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from .config import GenerateConfig, TrainConfig, read_yaml
+from .adapter import Adapter, inference_system_prompt, open_adapter
+from .config import GenerateConfig
 from .data import ChatFormat
-from .errors import LorakitError
-from .models import load_model, load_tokenizer, resolve_base_model
+from .models import load_model, load_tokenizer
 
 
 @dataclass
@@ -18,16 +17,6 @@ class Generation:
     new_tokens: int
 
 
-def adapter_settings(adapter: str) -> dict:
-    """The training config saved beside an adapter (lorakit.yaml), or {} for a foreign adapter."""
-    d = Path(adapter).expanduser()
-    if not (d / "adapter_config.json").is_file():
-        raise LorakitError(
-            f"--adapter {adapter}: no adapter_config.json there (expected a directory written by `lorakit train`)"
-        )
-    return read_yaml(d / "lorakit.yaml", TrainConfig) if (d / "lorakit.yaml").is_file() else {}
-
-
 def sampling_kwargs(temperature: float, top_p: float, top_k: int) -> dict:
     """generate() arguments: greedy at temperature 0, else sampling with nucleus and top-k."""
     if temperature > 0:
@@ -35,18 +24,21 @@ def sampling_kwargs(temperature: float, top_p: float, top_k: int) -> dict:
     return {"do_sample": False}
 
 
-def load_for_inference(base_model: str = "", adapter: str = "", trust_remote_code: bool = False, model=None):
-    """(model, tokenizer, chat format); with an adapter, the base and tokenizer it was trained with."""
-    if adapter:
-        trained = adapter_settings(adapter)
-        base_model = base_model or trained.get("base_model", "")
-    base = resolve_base_model(base_model)
-    tokenizer = load_tokenizer(base, trust_remote_code, adapter)
+def load_for_inference(
+    base_model: str = "", adapter: str | Adapter = "", trust_remote_code: bool = False, model=None
+):
+    """(model, tokenizer, chat format); with an adapter (a path or an opened Adapter), the base
+    and tokenizer it was trained with."""
+    from .models import resolve_base_model
+
+    trained = adapter if isinstance(adapter, Adapter) else open_adapter(adapter)
+    base = trained.resolve_base(base_model) if trained else resolve_base_model(base_model)
+    tokenizer = load_tokenizer(base, trust_remote_code, str(trained.path) if trained else "")
     model = model if model is not None else load_model(base, trust_remote_code=trust_remote_code)
-    if adapter:
+    if trained:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        model = PeftModel.from_pretrained(model, str(trained.path))
     model.eval()
     return model, tokenizer, ChatFormat(tokenizer)
 
@@ -102,13 +94,9 @@ def user_messages(system_prompt: str, prompt: str) -> list[dict]:
 
 
 def generate(cfg: GenerateConfig, prompt: str) -> str:
-    trained = adapter_settings(cfg.adapter) if cfg.adapter else {}
-    system = (
-        cfg.system_prompt
-        if cfg.system_prompt != GenerateConfig.system_prompt
-        else trained.get("system_prompt", cfg.system_prompt)
-    )
-    model, tokenizer, chat = load_for_inference(cfg.base_model, cfg.adapter, cfg.trust_remote_code)
+    trained = open_adapter(cfg.adapter)
+    system = inference_system_prompt(cfg.system_prompt, trained)
+    model, tokenizer, chat = load_for_inference(cfg.base_model, trained, cfg.trust_remote_code)
     [g] = generate_batch(
         model,
         tokenizer,
@@ -120,6 +108,11 @@ def generate(cfg: GenerateConfig, prompt: str) -> str:
         cfg.top_k,
     )
     return g.text
+
+
+def generate_command(cfg: GenerateConfig, prompt: str) -> None:
+    """`lorakit generate`: the answer on stdout."""
+    print(generate(cfg, prompt))
 
 
 def stream_tokens(

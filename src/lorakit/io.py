@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: a killed process never leaves a half-written output behind."""
+"""Output: atomic file and directory writes (a killed process never leaves a half-written output
+behind) and the rank-aware console line."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ from typing import Any
 def is_main_process() -> bool:
     """Rank 0 under torchrun / accelerate launch (both set RANK), or a single process."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(*args: Any, **kwargs: Any) -> None:
+    """print() on the main process only, flushed: one log for a distributed run."""
+    if is_main_process():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

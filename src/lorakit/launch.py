@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import TrainConfig
+from .io import say
 
 
 def accelerate_config(name: str) -> Path:
@@ -35,7 +36,7 @@ def launch_command(cfg: TrainConfig, argv: list[str]) -> list[str]:
         "--dynamo_backend",
         "no",
         "--mixed_precision",
-        "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else "no",
+        {"fp32": "no"}.get(cfg.precision, cfg.precision),
     ]
     if cfg.distributed == "ddp":
         # accelerate's multi-GPU launcher is torch.distributed.run; without GPUs the processes
@@ -43,7 +44,7 @@ def launch_command(cfg: TrainConfig, argv: list[str]) -> list[str]:
         cmd.append("--multi_gpu")
     else:
         if not torch.cuda.is_available():
-            print(
+            say(
                 f"lorakit: note: {cfg.distributed} is meant for GPUs; on CPU use --distributed ddp",
                 flush=True,
             )
@@ -53,5 +54,15 @@ def launch_command(cfg: TrainConfig, argv: list[str]) -> list[str]:
 
 def launch(cfg: TrainConfig, argv: list[str]) -> int:
     cmd = launch_command(cfg, argv)
-    print(f"lorakit: launching {cfg.num_processes} processes: {' '.join(cmd[2:])}", flush=True)
+    say(f"lorakit: launching {cfg.num_processes} processes: {' '.join(cmd[2:])}", flush=True)
     return subprocess.call(cmd)
+
+
+def train_command(cfg: TrainConfig, argv: list[str]) -> int:
+    """`lorakit train`: in this process, or again under `accelerate launch` with --num_processes N."""
+    if cfg.num_processes > 1 and not under_launcher():
+        return launch(cfg, argv)
+    from .train import train
+
+    train(cfg)
+    return 0

@@ -8,12 +8,12 @@ model copy plus the small LoRA tensors; logits on probe prompts are compared bef
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-from .config import MergeConfig, TrainConfig
+from .adapter import Adapter
+from .config import MergeConfig
 from .errors import LorakitError
-from .io import atomic_write_json, staging_dir
+from .io import atomic_write_json, say, staging_dir
 
 PROBES = [
     "Assemble this 65816 instruction.\n\nLDA #$12",
@@ -27,31 +27,6 @@ FP32_LOGIT_TOLERANCE = 1e-3
 HALF_TOP1_AGREEMENT = 0.97
 
 
-def training_settings(adapter: str) -> TrainConfig:
-    from .generate import adapter_settings
-
-    return TrainConfig(**adapter_settings(adapter))
-
-
-def merge_dtype(requested: str, trained: TrainConfig, adapter: str) -> str:
-    """auto: the dtype the frozen base had in training (on CPU lorakit always trains fp32 weights)."""
-    if requested != "auto":
-        return requested
-    manifest = Path(adapter) / "manifest.json"
-    on_gpu = (
-        json.loads(manifest.read_text()).get("hardware", {}).get("cuda", False)
-        if manifest.is_file()
-        else True
-    )
-    if not on_gpu:
-        return "fp32"
-    if trained.fp16:
-        return "fp16"
-    if trained.bf16 or trained.load_in_4bit or trained.load_in_8bit:
-        return "bf16"
-    return "fp32"
-
-
 def merge(cfg: MergeConfig) -> Path:
     import torch
     from peft import PeftModel
@@ -59,22 +34,22 @@ def merge(cfg: MergeConfig) -> Path:
 
     from .data import ChatFormat
     from .generate import user_messages
-    from .models import load_model, load_tokenizer, resolve_base_model
+    from .models import load_model, load_tokenizer, torch_dtype
 
     if not cfg.adapter:
         raise LorakitError("merge needs --adapter DIR (a directory written by `lorakit train`)")
     out = Path(cfg.output_dir).expanduser()
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise LorakitError(f"{out} is not empty: pass --overwrite or choose another --output_dir")
-    trained = training_settings(cfg.adapter)
-    base = resolve_base_model(cfg.base_model or trained.base_model)
-    dtype_name = merge_dtype(cfg.dtype, trained, cfg.adapter)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    adapter = Adapter.open(cfg.adapter)
+    trained = adapter.settings
+    base = adapter.resolve_base(cfg.base_model)
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else adapter.weight_dtype
     tokenizer = load_tokenizer(base, trained.trust_remote_code, cfg.adapter)  # the training chat template
     chat = ChatFormat(tokenizer)
-    model = load_model(base, dtype=dtype, trust_remote_code=trained.trust_remote_code)  # never quantized
-    model = PeftModel.from_pretrained(model, cfg.adapter).eval()
-    probes = [chat.encode_prompt(user_messages(trained.system_prompt, p)) for p in PROBES]
+    model = load_model(base, dtype=torch_dtype(dtype_name), trust_remote_code=trained.trust_remote_code)
+    model = PeftModel.from_pretrained(model, cfg.adapter).eval()  # never quantized: see the docstring
+    probes = [chat.encode_prompt(user_messages(adapter.system_prompt, p)) for p in PROBES]
     with torch.no_grad():
         before = [model(torch.tensor([ids])).logits.float() for ids in probes]
     merged = model.merge_and_unload()
@@ -122,7 +97,7 @@ def merge(cfg: MergeConfig) -> Path:
                 "max_abs_logit_difference": diff,
                 "top1_agreement": agree,
                 "probes": len(PROBES),
-                "system_prompt": trained.system_prompt,
+                "system_prompt": adapter.system_prompt,
                 "training_config": dataclasses.asdict(trained),
             },
         )
@@ -130,7 +105,7 @@ def merge(cfg: MergeConfig) -> Path:
             import shutil
 
             shutil.rmtree(out)
-    print(
+    say(
         f"lorakit: merged into {out} ({dtype_name}); max |logit difference| vs base+adapter: {diff:.2e}, "
         f"greedy-token agreement {agree:.1%}",
         flush=True,

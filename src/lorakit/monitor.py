@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .io import is_main_process
+from .io import is_main_process, say
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -116,7 +116,7 @@ class Progress(TrainerCallback):
                 self.bar.update(self.task, **self.fields)
             else:
                 f = self.fields
-                print(
+                say(
                     f"step {state.global_step}/{state.max_steps}  loss {f['loss']}  lr {f['lr']}  {f['tps']} tok/s",
                     flush=True,
                 )
@@ -146,7 +146,7 @@ class HealthWatch(TrainerCallback):
             self.warned.add(key)
             self.messages.append(message)
             if is_main_process():
-                print(f"lorakit: warning: {message}", flush=True)
+                say(f"lorakit: warning: {message}", flush=True)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs:
@@ -208,7 +208,7 @@ class StopOnSignal(TrainerCallback):
         if self.signum is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
-        print(
+        say(
             f"\nlorakit: {signal.Signals(signum).name} received: saving a checkpoint after this step",
             flush=True,
         )

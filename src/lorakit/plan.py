@@ -15,11 +15,12 @@ import copy
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
-from .config import PlanConfig, TrainConfig
+from .config import PlanConfig, TrainConfig, narrow
 from .errors import LorakitError
 
 GIB = 1024**3
@@ -119,7 +120,7 @@ def meta_peft_model(config, cfg: TrainConfig, dtype, layers: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .train import add_lora
+    from .models import add_lora
 
     config = _truncate_layers(config, layers) if layers else copy.deepcopy(config)
     config.use_cache = False
@@ -372,6 +373,56 @@ def linear_params(model) -> int:
 
 
 @dataclass
+class Memory:
+    """Planned bytes per GPU, by what holds them."""
+
+    base_weights: int
+    lora_weights: int  # fp32
+    optimizer_state: int  # AdamW m and v, fp32
+    step_peak: int  # traced: activations, logits, gradients, temporaries
+    gradients: int  # part of step_peak (fp32)
+    logits: int  # part of step_peak: logits and loss buffers
+    dequant_temporary: int = 0  # the largest de-quantized layer (4/8-bit bases)
+    gathered_layer: int = 0  # one decoder layer gathered when weights are sharded
+    allocator_slack: int = 0
+    cuda_context: int = CUDA_CONTEXT_BYTES
+
+    LABELS = {
+        "base_weights": "base weights",
+        "lora_weights": "LoRA weights (fp32)",
+        "optimizer_state": "optimizer state (AdamW m, v in fp32)",
+        "step_peak": "step peak (traced): activations, logits, gradients, temporaries",
+        "gradients": "  of which gradients (fp32)",
+        "logits": "  of which logits and loss buffers",
+        "dequant_temporary": "de-quantized layer temporary",
+        "gathered_layer": "gathered layer (weights sharded)",
+        "allocator_slack": "allocator slack (10% of the dynamic peak)",
+        "cuda_context": "CUDA context and workspaces",
+    }
+    PARTS = ("gradients", "logits")  # included in step_peak
+    OPTIONAL = ("dequant_temporary", "gathered_layer")  # shown only when non-zero
+
+    @property
+    def dynamic(self) -> int:
+        return self.step_peak + self.dequant_temporary + self.gathered_layer
+
+    @property
+    def total(self) -> int:
+        return sum(b for name, b in self.as_dict().items() if name not in self.PARTS)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def rows(self) -> list[tuple[str, int, bool]]:
+        """(label, bytes, is a part of the row above) for display."""
+        return [
+            (self.LABELS[name], b, name in self.PARTS)
+            for name, b in self.as_dict().items()
+            if b or name not in self.OPTIONAL
+        ]
+
+
+@dataclass
 class Plan:
     model: str
     config_source: str
@@ -381,12 +432,16 @@ class Plan:
     seq_len_source: str
     trainable: int
     total: int
-    items: dict[str, int] = field(default_factory=dict)
-    total_bytes: int = 0
+    memory: Memory
     tokens_per_second: float = 0.0
     epoch_seconds: float | None = None
     gpu: str = ""
     budget_bytes: int | None = None
+    rows_over_length: int | None = None  # --fit shortened max_seq_length: training rows now over it
+
+    @property
+    def total_bytes(self) -> int:
+        return self.memory.total
 
     @property
     def fits(self) -> bool | None:
@@ -394,31 +449,32 @@ class Plan:
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
+        d["total_bytes"] = self.total_bytes
         d["fits"] = self.fits
         return d
 
 
-def _sharding(
-    cfg: PlanConfig, items: dict, weights: int, grads: int, layers: int, dtype_bytes: int, base_params: int
-) -> int:
+def _sharding(cfg: PlanConfig, memory: Memory, layers: int, dtype_bytes: int, base_params: int) -> Memory:
     """Per-GPU memory with --num_gpus N: ZeRO-2 shards gradients and optimizer state; ZeRO-3 and
-    FSDP (full shard) also the weights, gathering one decoder layer at a time. Returns the bytes
-    of that gathered-layer temporary (0 when weights are not sharded)."""
+    FSDP (full shard) also the weights, gathering one decoder layer at a time."""
     n = getattr(cfg, "num_gpus", 1)
     if n <= 1 or cfg.distributed == "ddp":
-        return 0
-    opt = "optimizer state (AdamW m, v in fp32)"
-    items[opt] //= n
-    step_key = "step peak (traced): activations, logits, gradients, temporaries"
-    items[step_key] -= grads - grads // n
-    items["  of which gradients (fp32)"] = grads // n
+        return memory
+    grads = memory.gradients
+    memory = dataclasses.replace(
+        memory,
+        optimizer_state=memory.optimizer_state // n,
+        step_peak=memory.step_peak - (grads - grads // n),
+        gradients=grads // n,
+    )
     if cfg.distributed in ("fsdp", "deepspeed_zero3"):
-        items["base weights"] = weights // n
-        items["LoRA weights (fp32)"] //= n
-        gathered = base_params * dtype_bytes // max(layers, 1)
-        items["gathered layer (weights sharded)"] = gathered
-        return gathered
-    return 0
+        memory = dataclasses.replace(
+            memory,
+            base_weights=memory.base_weights // n,
+            lora_weights=memory.lora_weights // n,
+            gathered_layer=base_params * dtype_bytes // max(layers, 1),
+        )
+    return memory
 
 
 def parse_memory(text: str) -> int:
@@ -449,53 +505,51 @@ def budget(cfg: PlanConfig) -> tuple[str, int | None, float | None]:
     return label, memory, tflops
 
 
-def sequence_lengths(cfg: TrainConfig) -> tuple[int, float, int | None, str]:
-    """(peak row length, mean row length, rows, source): from the dataset's token lengths when a
-    dataset and a tokenizer are available, else max_seq_length."""
+class Lengths(NamedTuple):
+    """Row lengths a plan is made for: the peak (sets the activation memory), the mean (sets
+    the time), the row count and where they came from; `every` holds each row's length when
+    they came from a dataset."""
+
+    peak: int
+    mean: float
+    rows: int | None
+    source: str
+    every: tuple[int, ...] = ()
+
+
+def sequence_lengths(cfg: TrainConfig) -> Lengths:
+    """From the dataset's token lengths when a dataset and a tokenizer are available, else
+    max_seq_length."""
     if cfg.dataset:
         try:
-            from .data import ChatFormat, DataReport, encode_samples, load_samples
+            from .data import ChatFormat, encode_data, load_samples
             from .models import load_tokenizer, resolve_base_model
 
-            train, _, _ = load_samples(cfg)
+            samples = load_samples(cfg)
             tokenizer = load_tokenizer(resolve_base_model(cfg.base_model), cfg.trust_remote_code)
-            report = DataReport()
-            examples = encode_samples(
-                train,
-                ChatFormat(tokenizer),
-                cfg.max_seq_length,
-                cfg.overlength,
-                cfg.train_on,
-                report=report,
-                skip_bad_rows=cfg.skip_bad_rows,
-            )
-            lengths = [len(e["input_ids"]) for e in examples]
-            return max(lengths), sum(lengths) / len(lengths), len(lengths), f"longest row of {cfg.dataset}"
+            lengths = [len(e["input_ids"]) for e in encode_data(samples, ChatFormat(tokenizer), cfg).train]
+            source = f"longest row of {cfg.dataset}"
+            return Lengths(max(lengths), sum(lengths) / len(lengths), len(lengths), source, tuple(lengths))
         except LorakitError as e:
             if "cannot load its tokenizer" not in str(e):
                 raise
-    return cfg.max_seq_length, float(cfg.max_seq_length), None, "max_seq_length (no dataset given)"
+    return Lengths(cfg.max_seq_length, float(cfg.max_seq_length), None, "max_seq_length (no dataset given)")
 
 
 def make_plan(cfg: PlanConfig, config=None, source: str = "", lengths=None) -> Plan:
-    import torch
 
     if config is None:
         config, source = load_model_config(cfg.base_model, cfg.trust_remote_code)
-    precision = "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else "fp32"
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    from .models import torch_dtype
+
+    # Planned for a GPU: the frozen weights and activations in the training half dtype; a 4/8-bit
+    # base computes in --bnb_4bit_compute_dtype (auto: bf16 unless fp16 was asked for).
+    precision = cfg.precision
     if cfg.load_in_4bit or cfg.load_in_8bit:
-        # Non-quantized parts and activations run in the compute dtype (bf16 unless fp16/fp32 asked).
-        compute = (
-            cfg.bnb_4bit_compute_dtype
-            if cfg.bnb_4bit_compute_dtype != "auto"
-            else ("fp16" if cfg.fp16 else "bf16")
-        )
-        precision, dtype = (
-            compute,
-            {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[compute],
-        )
-    peak_len, mean_len, rows, len_source = lengths or sequence_lengths(cfg)
+        auto = "fp16" if cfg.fp16 else "bf16"
+        precision = cfg.bnb_4bit_compute_dtype if cfg.bnb_4bit_compute_dtype != "auto" else auto
+    dtype = torch_dtype(precision)
+    peak_len, mean_len, rows, len_source = Lengths(*(lengths or sequence_lengths(cfg)))[:4]
     full = _cached(("model", *_lora_key(config, cfg, dtype)), lambda: meta_peft_model(config, cfg, dtype))
     trainable, total = full.get_nb_trainable_parameters()
     weights, dequant_temp = _cached(
@@ -511,28 +565,19 @@ def make_plan(cfg: PlanConfig, config=None, source: str = "", lengths=None) -> P
     step = traced_peak(config, cfg, dtype, cfg.batch_size, peak_len)
     grads = trainable * 4
     vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
-    logits = (
-        cfg.batch_size * peak_len * vocab * (DTYPE_BYTES[precision] + 4)
-    )  # logits + their fp32 upcast in the loss
-    items = {
-        "base weights": weights,
-        "LoRA weights (fp32)": trainable * 4,
-        "optimizer state (AdamW m, v in fp32)": trainable * 8,
-        "step peak (traced): activations, logits, gradients, temporaries": step,
-        "  of which gradients (fp32)": grads,
-        "  of which logits and loss buffers": min(logits, step),
-    }
-    if dequant_temp:
-        items["de-quantized layer temporary"] = dequant_temp
-    shard = _sharding(
-        cfg, items, weights, grads, config.num_hidden_layers, DTYPE_BYTES[precision], total - trainable
+    logits = cfg.batch_size * peak_len * vocab * (DTYPE_BYTES[precision] + 4)  # + their fp32 upcast
+    memory = Memory(
+        base_weights=weights,
+        lora_weights=trainable * 4,
+        optimizer_state=trainable * 8,
+        step_peak=step,
+        gradients=grads,
+        logits=min(logits, step),
+        dequant_temporary=dequant_temp,
     )
-    step = items["step peak (traced): activations, logits, gradients, temporaries"]
-    dynamic = step + dequant_temp + shard
-    items["allocator slack (10% of the dynamic peak)"] = int(ALLOCATOR_SLACK * dynamic)
-    items["CUDA context and workspaces"] = CUDA_CONTEXT_BYTES
-    total_bytes = sum(v for k, v in items.items() if not k.startswith("  "))
-    label, memory, tflops = budget(cfg)
+    memory = _sharding(cfg, memory, config.num_hidden_layers, DTYPE_BYTES[precision], total - trainable)
+    memory.allocator_slack = int(ALLOCATOR_SLACK * memory.dynamic)
+    label, budget_bytes, tflops = budget(cfg)
 
     # Throughput: frozen base -> no weight gradients. Per token: forward 2N, backward 2N (input
     # gradients only), LoRA 6 x its parameters, causal attention 2 x L x T x H x d_head forward and
@@ -557,12 +602,11 @@ def make_plan(cfg: PlanConfig, config=None, source: str = "", lengths=None) -> P
         len_source,
         trainable,
         total,
-        items,
-        total_bytes,
+        memory,
         tps,
         epoch,
         label,
-        memory,
+        budget_bytes,
     )
 
 
@@ -573,12 +617,39 @@ def make_plan(cfg: PlanConfig, config=None, source: str = "", lengths=None) -> P
 def fit(cfg: PlanConfig) -> tuple[PlanConfig | None, Plan | None, list[tuple[str, Plan]]]:
     """The fastest configuration that fits the budget, searching in this order of preference:
     keep the rank and sequence length; then the fastest of precision/quantization, gradient
-    checkpointing and micro-batch (effective batch kept); lower the rank; shorten max_seq_length."""
+    checkpointing and micro-batch (effective batch kept); then a lower rank; only then a shorter
+    max_seq_length, which changes the data (rows over it are dropped or truncated)."""
     _, memory, _ = budget(cfg)
     if memory is None:
         raise LorakitError("--fit needs a budget: --gpu NAME or --gpu_memory SIZE")
     config, source = load_model_config(cfg.base_model, cfg.trust_remote_code)
-    peak_len, mean_len, rows, len_source = sequence_lengths(cfg)
+    lengths = sequence_lengths(cfg)
+    ranks = [r for r in (cfg.lora_r, cfg.lora_r // 2, cfg.lora_r // 4) if r >= 8] or [cfg.lora_r]
+    lengths_try = [lengths.peak] + [n for n in (lengths.peak * 3 // 4, lengths.peak // 2) if n >= 64]
+    tried: list[tuple[str, Plan]] = []
+    for length in lengths_try:
+        for r in ranks:
+            for over in _fit_options(cfg):
+                candidate = dataclasses.replace(
+                    cfg,
+                    **over,
+                    lora_r=r,
+                    lora_alpha=cfg.lora_alpha * r / cfg.lora_r,
+                    max_seq_length=min(cfg.max_seq_length, length),
+                )
+                shortened = (length, min(lengths.mean, length), lengths.rows, lengths.source)
+                plan = make_plan(candidate, config, source, shortened)
+                tried.append((_describe(over, r, length), plan))
+                if plan.fits:
+                    if lengths.every and length < lengths.peak:
+                        plan.rows_over_length = sum(n > length for n in lengths.every)
+                    return candidate, plan, tried
+    return None, None, tried
+
+
+def _fit_options(cfg: PlanConfig) -> list[dict]:
+    """Precision/quantization, checkpointing and micro-batch settings with the same effective
+    batch, fastest first (relative speeds: 8-bit 0.6, 4-bit 0.75, checkpointing 0.75)."""
     effective = cfg.batch_size * cfg.gradient_accumulation_steps
     half = {"bf16": True} if not cfg.fp16 else {"fp16": True}
     options = []  # (speed factor, overrides)
@@ -597,24 +668,7 @@ def fit(cfg: PlanConfig) -> tuple[PlanConfig | None, Plan | None, list[tuple[str
                     options.append((q_speed * g_speed * b / (b + 0.5), over))
                 b //= 2
     options.sort(key=lambda o: -o[0])
-    ranks = [r for r in (cfg.lora_r, cfg.lora_r // 2, cfg.lora_r // 4) if r >= 8] or [cfg.lora_r]
-    lengths_try = [peak_len] + [n for n in (peak_len * 3 // 4, peak_len // 2) if n >= 64]
-    tried: list[tuple[str, Plan]] = []
-    for r in ranks:
-        for length in lengths_try:
-            for _, over in options:
-                candidate = dataclasses.replace(
-                    cfg,
-                    **over,
-                    lora_r=r,
-                    lora_alpha=cfg.lora_alpha * r / cfg.lora_r,
-                    max_seq_length=min(cfg.max_seq_length, length),
-                )
-                plan = make_plan(candidate, config, source, (length, min(mean_len, length), rows, len_source))
-                tried.append((_describe(over, r, length), plan))
-                if plan.fits:
-                    return candidate, plan, tried
-    return None, None, tried
+    return [over for _, over in options]
 
 
 def _describe(over: dict, r: int, length: int) -> str:
@@ -689,11 +743,15 @@ def plan(cfg: PlanConfig) -> Plan | None:
                 f"smallest GPU that would: {where or 'none listed (use several GPUs)'}"
             )
         _print_plan(console, result)
-        chosen_train = TrainConfig(
-            **{f.name: getattr(chosen, f.name) for f in dataclasses.fields(TrainConfig)}
-        )
+        if result.rows_over_length:
+            fate = {"drop": "dropped", "truncate": "truncated", "error": "refused"}[cfg.overlength]
+            console.print(
+                f"[bold yellow]note:[/] {result.rows_over_length} training rows are longer than max_seq_length "
+                f"{chosen.max_seq_length}: they will be {fate} (--overlength {cfg.overlength}); "
+                "to keep them, plan for more memory"
+            )
         console.print(f"[bold]fastest configuration that fits[/] ({len(tried)} tried):")
-        console.print(train_command(chosen_train), soft_wrap=True)
+        console.print(train_command(narrow(chosen, TrainConfig)), soft_wrap=True)
         return result
     result = make_plan(cfg)
     _print_plan(console, result)
@@ -715,8 +773,8 @@ def _print_plan(console, p: Plan) -> None:
     t = Table(title=f"Plan: {p.model} ({p.config_source})")
     t.add_column("item")
     t.add_column("GiB", justify="right")
-    for k, v in p.items.items():
-        t.add_row(k, f"{v / GIB:.2f}", style="dim" if k.startswith("  ") else None)
+    for label, n_bytes, part in p.memory.rows():
+        t.add_row(label, f"{n_bytes / GIB:.2f}", style="dim" if part else None)
     t.add_row("[bold]total[/]", f"[bold]{p.total_bytes / GIB:.2f}[/]")
     console.print(t)
     console.print(
@@ -734,3 +792,27 @@ def _print_plan(console, p: Plan) -> None:
     if p.fits is not None:
         verdict = "[bold green]fits[/]" if p.fits else "[bold red]does not fit[/]"
         console.print(f"{verdict}: {p.total_bytes / GIB:.1f} GiB of {p.budget_bytes / GIB:.1f} GiB ({p.gpu})")
+
+
+# --------------------------------------------------------------------------------------------
+# The fit check `train` runs on a GPU
+
+
+def memory_check(cfg: TrainConfig, lengths: list[int], gpu_bytes: int) -> bool:
+    """Run the planner for this exact run on this GPU; warn (and return False) when it will not fit."""
+    from .io import say
+
+    try:
+        plan_cfg = narrow(cfg, PlanConfig, gpu_memory=f"{gpu_bytes / GIB:.2f}GiB")
+        lengths_info = (max(lengths), sum(lengths) / len(lengths), len(lengths), "the training data")
+        p = make_plan(plan_cfg, lengths=lengths_info)
+    except Exception as e:  # the planner must never stop a run it cannot model
+        say(f"lorakit: memory plan skipped ({type(e).__name__}: {str(e)[:120]})")
+        return True
+    if not p.fits:
+        say(
+            f"lorakit: warning: this run is planned to need {p.total_bytes / GIB:.1f} GiB but the GPU has "
+            f"{gpu_bytes / GIB:.1f} GiB; `lorakit plan --fit --gpu_memory {gpu_bytes / GIB:.0f}GiB` with the same flags "
+            "finds settings that fit (out-of-memory backoff will try smaller micro-batches)"
+        )
+    return bool(p.fits)

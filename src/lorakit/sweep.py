@@ -17,27 +17,31 @@ import json
 import math
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .config import SweepConfig, TrainConfig, _coerce, to_yaml
+from .config import PlanConfig, SweepConfig, TrainConfig, _coerce, field_names, narrow, size_band, to_yaml
 from .errors import LorakitError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, say
 
 LR_LADDER = [1e-4, 2e-4, 5e-4, 1e-3]  # the guide's "try these in order"
-SWEEPABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {
-    "output_dir",
-    "overwrite",
-    "resume",
-    "resume_from_checkpoint",
-    "resume_ignore_changes",
-    "dataset",
-    "val_dataset",
-    "base_model",
-    "val_size",
-    "eval_steps",
-    "save_steps",
-    "logging_steps",
-}
+SWEEPABLE = field_names(TrainConfig, sweepable=True)
+
+
+@dataclass
+class Trial:
+    """One trial of a sweep: its settings, its run directory and what it reached."""
+
+    overrides: dict[str, Any]
+    dir: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    status: str = "pending"
+    steps: int = 0
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    best_eval_loss: float | None = None
+    last_eval_loss: float | None = None
+    rungs: list[int] = field(default_factory=list)
 
 
 def parse_params(specs: list[str]) -> dict[str, list]:
@@ -60,13 +64,8 @@ def parse_params(specs: list[str]) -> dict[str, list]:
 
 def default_space(n_rows: int, budget_steps: int) -> dict[str, list]:
     """The guide's learning-rate ladder and its rank (and epoch) band for the dataset's size."""
-    if n_rows < 1000:
-        ranks, epochs = [8, 16], [5, 10]
-    elif n_rows <= 10000:
-        ranks, epochs = [32, 64], [3, 5]
-    else:
-        ranks, epochs = [128, 256], [1, 3]
-    space: dict[str, list] = {"learning_rate": LR_LADDER, "lora_r": ranks}
+    ranks, epochs = size_band(n_rows)
+    space: dict[str, list] = {"learning_rate": LR_LADDER, "lora_r": list(ranks)}
     if not budget_steps:
         space["num_epochs"] = [float(e) for e in epochs]
     return space
@@ -82,17 +81,16 @@ class Sweep:
         self.cfg = cfg
         self.dir = Path(cfg.output_dir)
         self.started = time.monotonic()
-        base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
+        base = narrow(cfg, TrainConfig)
         if not cfg.val_size and not cfg.val_dataset:
-            print("lorakit: sweep: no validation data given; holding out 10% (--val_size 0.1)", flush=True)
-            base["val_size"] = 0.1
-        self.base = TrainConfig(**base)
+            say("lorakit: sweep: no validation data given; holding out 10% (--val_size 0.1)")
+            base = dataclasses.replace(base, val_size=0.1)
+        self.base = base
         from .data import load_samples
 
-        train_rows, _, _ = load_samples(self.base)
-        self.n_rows = len(train_rows)
+        self.n_rows = len(load_samples(self.base).train)
         self.space = parse_params(cfg.param) if cfg.param else default_space(self.n_rows, cfg.budget_steps)
-        self.results: dict[str, dict] = {}
+        self.results: dict[str, Trial] = {}
         self.memory = self._memory_budget()
 
     # -- trials
@@ -107,12 +105,13 @@ class Sweep:
 
     def trial_config(self, overrides: dict, max_steps: int, eval_steps: int) -> TrainConfig:
         values = dict(overrides)
-        if (
-            "lora_r" in values and "lora_alpha" not in values
-        ):  # keep the alpha / r ratio (the guide: alpha = 2r)
+        if "lora_r" in values and "lora_alpha" not in values:  # keep alpha / r (the guide: alpha = 2r)
             values["lora_alpha"] = self.base.lora_alpha / self.base.lora_r * values["lora_r"]
         tdir = self.dir / "trials" / slug(overrides)
-        cfg = dataclasses.replace(
+        from .checkpoints import complete_checkpoints
+
+        unfinished = bool(complete_checkpoints(tdir)) and not (tdir / "adapter_config.json").exists()
+        return dataclasses.replace(
             self.base,
             **values,
             output_dir=str(tdir),
@@ -120,21 +119,15 @@ class Sweep:
             max_steps=max_steps,
             eval_steps=eval_steps,
             save_steps=eval_steps,
-            resume=False,
-        )
-        from .train import complete_checkpoints
-
-        return dataclasses.replace(
-            cfg, resume=bool(complete_checkpoints(tdir)) and not (tdir / "adapter_config.json").exists()
+            resume=unfinished,
         )
 
     def fits(self, tcfg: TrainConfig) -> bool:
         if self.memory is None:
             return True
-        from .config import PlanConfig
         from .plan import make_plan
 
-        plan = make_plan(PlanConfig(**dataclasses.asdict(tcfg), gpu_memory=f"{self.memory / 1024**3:.3f}GiB"))
+        plan = make_plan(narrow(tcfg, PlanConfig, gpu_memory=f"{self.memory / 1024**3:.3f}GiB"))
         return bool(plan.fits)
 
     def over_budget(self) -> bool:
@@ -149,37 +142,31 @@ class Sweep:
         eval_steps: int,
         stop_at: int | None = None,
         callbacks: list | None = None,
-    ) -> dict:
+    ) -> Trial:
         from .monitor import read_metrics
         from .train import train
 
         tcfg = self.trial_config(overrides, max_steps, eval_steps)
-        key = slug(overrides)
         out = Path(tcfg.output_dir)
-        record = {"overrides": overrides, "dir": str(out), "config": dataclasses.asdict(tcfg)}
-        done = _finished(out)
-        reached = _last_step(out)
-        if not done and not (stop_at and reached >= stop_at):
+        trial = self.results.get(slug(overrides)) or Trial(overrides)
+        trial.dir, trial.config = str(out), dataclasses.asdict(tcfg)
+        self.results[slug(overrides)] = trial
+        if not _finished(out) and not (stop_at and _last_step(out) >= stop_at):
             if not self.fits(tcfg):
-                record.update(status="skipped: the planner says it does not fit")
-                self.results[key] = record
-                return record
+                trial.status = "skipped: the planner says it does not fit"
+                return trial
             train(tcfg, callbacks=callbacks, stop_at_step=stop_at)
-        evals = [
+        trial.evals = [
             (r["step"], r["eval_loss"])
             for r in read_metrics(out)
             if "eval_loss" in r and not r.get("summary")
         ]
-        record.update(
-            status="finished" if _finished(out) else "paused",
-            steps=_last_step(out),
-            evals=evals,
-            best_eval_loss=min((v for _, v in evals), default=None),
-            last_eval_loss=evals[-1][1] if evals else None,
-        )
-        self.results[key] = record
+        trial.status = "finished" if _finished(out) else "paused"
+        trial.steps = _last_step(out)
+        trial.best_eval_loss = min((v for _, v in trial.evals), default=None)
+        trial.last_eval_loss = trial.evals[-1][1] if trial.evals else None
         self.save()
-        return record
+        return trial
 
     # -- strategies
     def combos(self) -> list[dict]:
@@ -187,23 +174,14 @@ class Sweep:
         return [dict(zip(names, values)) for values in itertools.product(*(self.space[n] for n in names))]
 
     def steps_budget(self) -> int:
-        if self.cfg.budget_steps:
-            return self.cfg.budget_steps
-        from math import ceil
-
-        per_epoch = ceil(ceil(self.n_rows / self.base.batch_size) / self.base.gradient_accumulation_steps)
-        return (
-            max(1, ceil(per_epoch * self.base.num_epochs)) if not self.base.max_steps else self.base.max_steps
-        )
+        return self.cfg.budget_steps or self.base.total_steps(self.n_rows)
 
     def grid(self) -> None:
         steps = self.steps_budget()
         eval_steps = max(1, steps // 4)
         for overrides in self.combos():
             if self.over_budget():
-                self.results.setdefault(
-                    slug(overrides), {"overrides": overrides, "status": "skipped: time budget"}
-                )
+                self.results.setdefault(slug(overrides), Trial(overrides, status="skipped: time budget"))
                 continue
             self.run_trial(overrides, steps, eval_steps)
 
@@ -218,21 +196,23 @@ class Sweep:
                 if self.over_budget():
                     break
                 self.run_trial(overrides, total, first, stop_at=rung_steps if rung_steps < total else None)
-            scored = [o for o in alive if self.results.get(slug(o), {}).get("last_eval_loss") is not None]
-            scored.sort(key=lambda o: self.results[slug(o)]["last_eval_loss"])
-            for o in alive:
-                if slug(o) in self.results:
-                    self.results[slug(o)].setdefault("rungs", []).append(rung_steps)
+            trials = [self.results[slug(o)] for o in alive if slug(o) in self.results]
+            for t in trials:
+                t.rungs.append(rung_steps)
+            scored = sorted(
+                (t for t in trials if t.last_eval_loss is not None), key=lambda t: t.last_eval_loss
+            )
             if k < rungs - 1:
                 keep = max(1, math.ceil(len(scored) / 2))
-                for o in scored[keep:]:
-                    self.results[slug(o)]["status"] = f"stopped at rung {k + 1} ({rung_steps} steps)"
-                alive = scored[:keep]
+                for t in scored[keep:]:
+                    t.status = f"stopped at rung {k + 1} ({rung_steps} steps)"
+                alive = [t.overrides for t in scored[:keep]]
             self.save()
 
     def optuna(self) -> None:
         import optuna
-        from transformers import TrainerCallback
+
+        from .trainer import OptunaPruning
 
         steps = self.steps_budget()
         eval_steps = max(1, steps // 4)
@@ -245,49 +225,35 @@ class Sweep:
             sampler=optuna.samplers.TPESampler(seed=self.cfg.seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=2),
         )
-        for stale in [
-            t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING
-        ]:  # a killed sweep
+        running = optuna.trial.TrialState.RUNNING
+        for stale in [t for t in study.trials if t.state == running]:  # a killed sweep
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
             study.enqueue_trial(stale.params)  # same settings, same directory: it resumes from its checkpoint
-        done = sum(
-            t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-            for t in study.trials
-        )
-        sweep = self
+        ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        done = sum(t.state in ended for t in study.trials)
 
-        def objective(trial):
+        def objective(study_trial):
             overrides = {
-                name: trial.suggest_categorical(name, values) for name, values in sweep.space.items()
+                name: study_trial.suggest_categorical(name, values) for name, values in self.space.items()
             }
-
-            class Report(TrainerCallback):
-                pruned = False
-
-                def on_evaluate(self, args, state, control, metrics=None, **kw):
-                    trial.report(metrics["eval_loss"], state.global_step)
-                    if trial.should_prune():
-                        Report.pruned = True
-                        control.should_training_stop = True
-                    return control
-
-            record = sweep.run_trial(overrides, steps, eval_steps, callbacks=[Report()])
-            if Report.pruned:
-                record["status"] = "pruned"
-                sweep.save()
+            pruning = OptunaPruning(study_trial)
+            trial = self.run_trial(overrides, steps, eval_steps, callbacks=[pruning])
+            if pruning.pruned:
+                trial.status = "pruned"
+                self.save()
                 raise optuna.TrialPruned()
-            if record.get("best_eval_loss") is None:
+            if trial.best_eval_loss is None:
                 raise optuna.TrialPruned()
-            return record["best_eval_loss"]
+            return trial.best_eval_loss
 
         remaining = max(0, self.cfg.n_trials - done)
         timeout = 60 * self.cfg.budget_minutes if self.cfg.budget_minutes else None
         study.optimize(objective, n_trials=remaining, timeout=timeout, catch=())
 
     # -- results
-    def ranked(self) -> list[dict]:
-        ok = [r for r in self.results.values() if r.get("best_eval_loss") is not None]
-        return sorted(ok, key=lambda r: r["best_eval_loss"])
+    def ranked(self) -> list[Trial]:
+        ok = [t for t in self.results.values() if t.best_eval_loss is not None]
+        return sorted(ok, key=lambda t: t.best_eval_loss)
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -298,49 +264,52 @@ class Sweep:
                 "strategy": self.cfg.strategy,
                 "space": self.space,
                 "rows": self.n_rows,
-                "trials": list(self.results.values()),
-                "ranking": [r["dir"] for r in ranked],
-                "best": ranked[0] if ranked else None,
+                "trials": [dataclasses.asdict(t) for t in self.results.values()],
+                "ranking": [t.dir for t in ranked],
+                "best": dataclasses.asdict(ranked[0]) if ranked else None,
             },
         )
 
-    def report(self) -> dict | None:
+    def full_run_config(self, trial: Trial) -> TrainConfig:
+        """The best trial's settings for a full run: the sweep's own schedule (num_epochs or
+        max_steps, not the trial budget), validated as often as the trials were unless
+        --eval_steps says otherwise."""
+        cfg = self.cfg
+        return TrainConfig(
+            **{
+                **trial.config,
+                "output_dir": str(self.dir / "best"),
+                "max_steps": cfg.max_steps,
+                "eval_steps": cfg.eval_steps or trial.config["eval_steps"],
+                "save_steps": cfg.save_steps,
+                "resume": False,
+                "overwrite": True,
+            }
+        )
+
+    def report(self) -> Trial:
         ranked = self.ranked()
         self.save()
         if not ranked:
             raise LorakitError("no trial produced a validation loss (all skipped, pruned or over budget)")
         best = ranked[0]
-        best_cfg = TrainConfig(**{**best["config"], "output_dir": str(self.dir / "best"), "resume": False})
-        atomic_write_text(self.dir / "best.yaml", to_yaml(best_cfg))
+        atomic_write_text(self.dir / "best.yaml", to_yaml(self.full_run_config(best)))
         names = sorted(self.space)
-        lines = [
-            "| rank | " + " | ".join(names) + " | best val loss | last val loss | steps | status |",
-            "|---|" + "---|" * len(names) + "---|---|---|---|",
-        ]
-        others = [r for r in self.results.values() if r not in ranked]
-        for k, r in enumerate(ranked + others, start=1):
-            vals = " | ".join(f"{r['overrides'].get(n)}" for n in names)
-            bl = f"{r['best_eval_loss']:.4f}" if r.get("best_eval_loss") is not None else "-"
-            ll = f"{r['last_eval_loss']:.4f}" if r.get("last_eval_loss") is not None else "-"
-            lines.append(
-                f"| {k if r in ranked else '-'} | {vals} | {bl} | {ll} | {r.get('steps', '-')} | {r.get('status')} |"
-            )
-        atomic_write_text(
-            self.dir / "sweep.md", f"# Sweep ({self.cfg.strategy})\n\n" + "\n".join(lines) + "\n"
-        )
+        others = [t for t in self.results.values() if t not in ranked]
+        atomic_write_text(self.dir / "sweep.md", _markdown(self.cfg.strategy, names, ranked, others))
         self._plot(ranked)
         self._print(ranked, others, names)
         return best
 
-    def _plot(self, ranked: list[dict]) -> None:
+    def _plot(self, ranked: list[Trial]) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for r in ranked:
-            ax.plot(*zip(*r["evals"]), "o-", label=slug(r["overrides"])[:40])
+        for t in ranked:
+            ax.plot(*zip(*t.evals), "o-", label=slug(t.overrides)[:40])
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("validation loss")
         ax.legend(fontsize=7)
@@ -350,33 +319,42 @@ class Sweep:
         plt.close(fig)
         tmp.replace(self.dir / "sweep.png")
 
-    def _print(self, ranked, others, names) -> None:
+    def _print(self, ranked: list[Trial], others: list[Trial], names: list[str]) -> None:
         from rich.console import Console
         from rich.table import Table
 
         t = Table(title=f"Sweep ({self.cfg.strategy}), ranked by validation loss")
         for col in ["rank", *names, "best val loss", "steps", "status"]:
             t.add_column(col)
-        for k, r in enumerate(ranked, start=1):
+        for k, trial in enumerate(ranked + others, start=1):
+            loss = f"{trial.best_eval_loss:.4f}" if trial.best_eval_loss is not None else "-"
             t.add_row(
-                str(k),
-                *(str(r["overrides"].get(n)) for n in names),
-                f"{r['best_eval_loss']:.4f}",
-                str(r.get("steps")),
-                r.get("status", ""),
-            )
-        for r in others:
-            t.add_row(
-                "-",
-                *(str(r["overrides"].get(n)) for n in names),
-                "-",
-                str(r.get("steps", "-")),
-                r.get("status", ""),
+                str(k) if trial in ranked else "-",
+                *(str(trial.overrides.get(n)) for n in names),
+                loss,
+                str(trial.steps or "-"),
+                trial.status,
             )
         Console().print(t)
-        print(
-            f"lorakit: best: {slug(ranked[0]['overrides'])}; run it with: lorakit train --config {self.dir / 'best.yaml'}"
+        say(
+            f"lorakit: best: {slug(ranked[0].overrides)}; train it in full with: "
+            f"lorakit train --config {self.dir / 'best.yaml'}"
         )
+
+
+def _markdown(strategy: str, names: list[str], ranked: list[Trial], others: list[Trial]) -> str:
+    lines = [
+        "| rank | " + " | ".join(names) + " | best val loss | last val loss | steps | status |",
+        "|---|" + "---|" * len(names) + "---|---|---|---|",
+    ]
+    for k, t in enumerate(ranked + others, start=1):
+        vals = " | ".join(f"{t.overrides.get(n)}" for n in names)
+        best = f"{t.best_eval_loss:.4f}" if t.best_eval_loss is not None else "-"
+        last = f"{t.last_eval_loss:.4f}" if t.last_eval_loss is not None else "-"
+        lines.append(
+            f"| {k if t in ranked else '-'} | {vals} | {best} | {last} | {t.steps or '-'} | {t.status} |"
+        )
+    return f"# Sweep ({strategy})\n\n" + "\n".join(lines) + "\n"
 
 
 def _finished(out: Path) -> bool:
@@ -392,24 +370,13 @@ def _last_step(out: Path) -> int:
     return max((r.get("step", 0) for r in read_metrics(out)), default=0)
 
 
-def sweep(cfg: SweepConfig) -> dict:
+def sweep(cfg: SweepConfig) -> Trial:
     s = Sweep(cfg)
-    print(f"lorakit: sweep over {json.dumps(s.space)} ({cfg.strategy}) in {s.dir}", flush=True)
+    say(f"lorakit: sweep over {json.dumps(s.space)} ({cfg.strategy}) in {s.dir}")
     {"grid": s.grid, "halving": s.halving, "optuna": s.optuna}[cfg.strategy]()
     best = s.report()
     if cfg.train_best:
         from .train import train
 
-        full = TrainConfig(
-            **{
-                **best["config"],
-                "output_dir": str(s.dir / "best"),
-                "max_steps": cfg.max_steps,
-                "eval_steps": cfg.eval_steps,
-                "save_steps": cfg.save_steps,
-                "resume": False,
-                "overwrite": True,
-            }
-        )
-        train(full)
+        train(s.full_run_config(best))
     return best

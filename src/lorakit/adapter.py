@@ -1,0 +1,94 @@
+"""An adapter directory written by `lorakit train`, read as one object.
+
+Its training settings (lorakit.yaml, as a TrainConfig), its base model, the system prompt it was
+trained with, its manifest (manifest.json) and the weight dtype training recorded there. merge,
+export, generate, chat, serve, eval and sweep read adapters through this class only. A foreign
+PEFT adapter (no lorakit.yaml) reads as the default settings with the base model PEFT recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig, read_yaml
+from .errors import LorakitError
+
+
+@dataclass
+class Adapter:
+    path: Path
+    settings: TrainConfig
+    lora_config: dict[str, Any]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Adapter:
+        d = Path(path).expanduser()
+        config_file = d / "adapter_config.json"
+        if not config_file.is_file():
+            raise LorakitError(
+                f"--adapter {path}: no adapter_config.json there (expected a directory written by `lorakit train`)"
+            )
+        try:
+            lora_config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LorakitError(
+                f"{config_file}: not valid JSON ({e}); the adapter directory is damaged"
+            ) from None
+        if not isinstance(lora_config, dict):
+            raise LorakitError(f"{config_file}: expected a JSON object; the adapter directory is damaged")
+        settings_file = d / "lorakit.yaml"
+        settings = TrainConfig(**read_yaml(settings_file, TrainConfig)) if settings_file.is_file() else None
+        if settings is None:  # a foreign PEFT adapter: PEFT records the base it was made on
+            settings = TrainConfig(base_model=lora_config.get("base_model_name_or_path") or "")
+        manifest_file = d / "manifest.json"
+        try:
+            manifest = (
+                json.loads(manifest_file.read_text(encoding="utf-8")) if manifest_file.is_file() else {}
+            )
+        except (OSError, ValueError) as e:
+            raise LorakitError(f"{manifest_file}: not valid JSON ({e})") from None
+        return cls(d, settings, lora_config, manifest)
+
+    @property
+    def base_model(self) -> str:
+        """The base model it was trained on, as given to `lorakit train` ('' = the embedded default)."""
+        return self.settings.base_model
+
+    @property
+    def system_prompt(self) -> str:
+        """The system prompt it was trained with ('' = none)."""
+        return self.settings.system_prompt or ""
+
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype to merge it in: the one `train` recorded in manifest.json. For adapters
+        without that record: their GPU run's half dtype (bf16 for a quantized base), else fp32."""
+        if "merge_dtype" in self.manifest:
+            return self.manifest["merge_dtype"]
+        s = self.settings
+        if not self.manifest.get("hardware", {}).get("cuda", not self.manifest):
+            return "fp32"
+        return "fp16" if s.fp16 else "bf16" if (s.bf16 or s.load_in_4bit or s.load_in_8bit) else "fp32"
+
+    def resolve_base(self, override: str = ""):
+        """The BaseModel to load it on: --base_model when given, else the one it was trained on."""
+        from .models import resolve_base_model
+
+        return resolve_base_model(override or self.base_model)
+
+
+def open_adapter(path: str) -> Adapter | None:
+    """The adapter at `path`, or None when no --adapter was given."""
+    return Adapter.open(path) if path else None
+
+
+def inference_system_prompt(requested: str | None, adapter: Adapter | None) -> str:
+    """An unset --system_prompt inherits the adapter's training prompt; a given one is used,
+    whatever its value ('' = none)."""
+    if requested is not None:
+        return requested
+    return adapter.system_prompt if adapter is not None else ""

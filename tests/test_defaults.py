@@ -1,0 +1,164 @@
+"""Defaults that are right for anyone's data, and the adapter's own settings at inference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from lorakit.cli import main
+from lorakit.config import EvalConfig, GenerateConfig, PlanConfig, TrainConfig, resolve
+from lorakit.errors import LorakitError
+from lorakit.train import train
+
+from .conftest import write_jsonl
+
+OLD_DEFAULT = "You are an expert SNES developer."
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rows = [
+        {"instruction": f"Assemble {i}.", "input": f"LDA #${i:02X}", "output": f"A9 {i:02X}"}
+        for i in range(24)
+    ]
+    return write_jsonl(tmp_path_factory.mktemp("d") / "d.jsonl", rows)
+
+
+def tiny_cfg(base, data, out, **kw):
+    settings = dict(
+        base_model=str(base),
+        dataset=str(data),
+        output_dir=str(out),
+        max_steps=4,
+        save_steps=2,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        lora_r=4,
+        lora_dropout=0.0,
+        warmup_steps=0,
+        logging_steps=1,
+    )
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_llama, data):
+    return train(
+        tiny_cfg(tiny_llama, data, tmp_path_factory.mktemp("a") / "run", system_prompt="Adapter prompt.")
+    )
+
+
+def test_no_system_prompt_unless_given(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"instruction": "Hi", "output": "Hello"}])
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "convert", str(src), "--output", str(out)]) == 0
+    [row] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    assert main(["data", "convert", str(src), "--output", str(out), "--system_prompt", "Be brief."]) == 0
+    [row] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert row["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [(None, "Adapter prompt."), ("", ""), (OLD_DEFAULT, OLD_DEFAULT), ("Other.", "Other.")],
+)
+def test_explicit_system_prompt_overrides_the_adapters(tmp_path, adapter, given, used):
+    """Unset inherits the adapter's training prompt; any given value wins, the old default included."""
+    from lorakit.evaluate import evaluate
+
+    test_rows = write_jsonl(
+        tmp_path / "t.jsonl", [{"instruction": "Assemble.", "input": "NOP", "output": "EA"}]
+    )
+    report = evaluate(
+        EvalConfig(
+            adapter=str(adapter),
+            dataset=str(test_rows),
+            output_dir=str(tmp_path / "e"),
+            max_new_tokens=2,
+            system_prompt=given,
+        )
+    )
+    assert report["system_prompt"] == used
+
+
+def test_flag_and_yaml_system_prompt_given_as_empty_is_not_unset(tmp_path):
+    assert resolve(GenerateConfig, {}).system_prompt is None
+    assert resolve(GenerateConfig, {"system_prompt": ""}).system_prompt == ""
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("system_prompt: ''\n")
+    assert resolve(GenerateConfig, config_file=str(yaml_file)).system_prompt == ""
+
+
+def test_generate_is_greedy_by_default(tiny_llama, adapter):
+    import torch
+
+    from lorakit.generate import generate
+
+    cfg = GenerateConfig(base_model=str(tiny_llama), adapter=str(adapter), max_new_tokens=12)
+    torch.manual_seed(1)
+    first = generate(cfg, "Assemble this.")
+    torch.manual_seed(2)
+    assert generate(cfg, "Assemble this.") == first and len(first) > 0
+
+
+def test_exclusive_flags_refused_by_every_config():
+    for cls in (TrainConfig, PlanConfig):
+        with pytest.raises(LorakitError, match="--fp16 and --bf16 are exclusive"):
+            cls(fp16=True, bf16=True)
+        with pytest.raises(LorakitError, match="--load_in_4bit and --load_in_8bit are exclusive"):
+            cls(load_in_4bit=True, load_in_8bit=True)
+    assert main(["plan", "--fp16", "--bf16"]) == 2
+
+
+def test_resume_refuses_another_base_model_but_not_another_path(
+    tmp_path, tiny_llama, tiny_qwen2, data, capsys
+):
+    out = tmp_path / "run"
+    train(tiny_cfg(tiny_llama, data, out))
+    (out / "adapter_config.json").unlink()  # as if stopped before the end
+    flags = [
+        "train",
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+    ]
+    flags += [
+        "--batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--lora_r",
+        "4",
+        "--lora_dropout",
+        "0",
+    ]
+    flags += ["--warmup_steps", "0", "--logging_steps", "1", "--resume"]
+    capsys.readouterr()
+    assert main([*flags, "--base_model", str(tiny_qwen2)]) == 2
+    err = capsys.readouterr().err
+    assert f"the base model changed (--base_model {tiny_qwen2}" in err and err.count("\n") == 1
+    moved = shutil.copytree(tiny_llama, tmp_path / "same-weights-elsewhere")
+    assert main([*flags, "--base_model", str(moved)]) == 0
+    assert (out / "adapter_config.json").is_file()
+
+
+def test_skipped_rows_are_listed_in_the_summary_and_manifest(tmp_path, tiny_llama, data, capsys):
+    rows = data.read_text().splitlines() + ['{"instruction": "no output"}', "not json"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    out = train(tiny_cfg(tiny_llama, bad, tmp_path / "o", skip_bad_rows=True))
+    printed = capsys.readouterr().out
+    assert (
+        f"skipped {bad}:25: missing key 'output'" in printed and f"skipped {bad}:26: invalid JSON" in printed
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r.split(":")[1] for r in manifest["data"]["skipped_rows"]] == ["25", "26"]
