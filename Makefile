@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# constraints.txt pins torch to the CPU build tested here; pyproject.toml keeps normal ranges.
+# constraints.txt pins the tested versions (torch 2.13.0; the index decides CPU or CUDA build);
+# pyproject.toml keeps normal ranges.
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
 .PHONY: install demo test test-quick lint clean

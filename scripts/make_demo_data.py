@@ -1,7 +1,9 @@
 """Writes the bundled demo dataset: assemble one 65816 (SNES CPU) instruction into its bytes.
 
-Deterministic (fixed seed). Train and test rows use disjoint (instruction, operand) pairs, so the
-test split measures whether the model learned the opcode table, not memorised rows.
+Deterministic (fixed seed). Held-out rows use operand values that no training row has (with any
+mnemonic), so the test split measures whether the model learned the opcode table and copies the
+operand, not whether it memorised rows or operands. Implied instructions (no operand) are all
+in training.
 Run: python scripts/make_demo_data.py
 """
 
@@ -61,26 +63,36 @@ INSTRUCTIONS = [
 ]
 
 
-def rows(rng: random.Random) -> list[dict]:
+HELD_OUT_OPERANDS = 20  # operand values reserved for the test split
+TEST_ROWS = 40
+TRAIN_ROWS = 192
+
+
+def asm_rows(values: list[int], per_mnemonic: tuple[int, int], rng: random.Random) -> list[tuple[str, str]]:
+    """(assembly, bytes) for every operand mnemonic with operands drawn from `values`
+    (`per_mnemonic` = how many for immediate and direct mnemonics)."""
     out = []
-    for mnemonic, opcode in IMMEDIATE.items():
-        for value in rng.sample(range(256), 12):
-            out.append((f"{mnemonic} #${value:02X}", f"{opcode} {value:02X}"))
-    for mnemonic, opcode in DIRECT.items():
-        for value in rng.sample(range(256), 10):
-            out.append((f"{mnemonic} ${value:02X}", f"{opcode} {value:02X}"))
-    for mnemonic, opcode in IMPLIED.items():
-        out.append((mnemonic, opcode))
-    rng.shuffle(out)
-    return [{"instruction": rng.choice(INSTRUCTIONS), "input": asm, "output": code} for asm, code in out]
+    for table, n, form in ((IMMEDIATE, per_mnemonic[0], "#$"), (DIRECT, per_mnemonic[1], "$")):
+        for mnemonic, opcode in table.items():
+            for value in rng.sample(values, n):
+                out.append((f"{mnemonic} {form}{value:02X}", f"{opcode} {value:02X}"))
+    return out
+
+
+def as_rows(pairs: list[tuple[str, str]], rng: random.Random) -> list[dict]:
+    return [{"instruction": rng.choice(INSTRUCTIONS), "input": asm, "output": code} for asm, code in pairs]
 
 
 def main() -> None:
     rng = random.Random(65816)
-    data = rows(rng)
-    # Held-out rows: operand forms only (implied instructions have a single form, all in train).
-    test = [r for r in data if " " in r["input"]][:40]
-    train = [r for r in data if r not in test]
+    held = sorted(rng.sample(range(256), HELD_OUT_OPERANDS))
+    seen = [v for v in range(256) if v not in held]
+    operand_pairs = asm_rows(seen, (10, 8), rng)
+    rng.shuffle(operand_pairs)
+    train_pairs = operand_pairs[: TRAIN_ROWS - len(IMPLIED)] + [(m, op) for m, op in IMPLIED.items()]
+    test_pairs = rng.sample(asm_rows(held, (HELD_OUT_OPERANDS, HELD_OUT_OPERANDS), rng), TEST_ROWS)
+    rng.shuffle(train_pairs)
+    train, test = as_rows(train_pairs, rng), as_rows(test_pairs, rng)
     assets = Path(__file__).resolve().parent.parent / "src" / "lorakit" / "assets"
     for name, split in (("demo_train.jsonl", train), ("demo_test.jsonl", test)):
         (assets / name).write_text("".join(json.dumps(r) + "\n" for r in split))

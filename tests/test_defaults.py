@@ -162,3 +162,47 @@ def test_skipped_rows_are_listed_in_the_summary_and_manifest(tmp_path, tiny_llam
     )
     manifest = json.loads((out / "manifest.json").read_text())
     assert [r.split(":")[1] for r in manifest["data"]["skipped_rows"]] == ["25", "26"]
+
+
+def test_demo_held_out_rows_share_no_operand_with_training():
+    import re
+
+    from lorakit.data import demo_path
+
+    def operands(split):
+        rows = [json.loads(x) for x in demo_path(split).read_text().splitlines()]
+        return [m.group(1) for r in rows if (m := re.search(r"\$([0-9A-F]{2})$", r["input"]))], len(rows)
+
+    test_ops, n_test = operands("test")
+    train_ops, _ = operands("train")
+    assert len(test_ops) == n_test == 40 and len(train_ops) > 150
+    assert not set(test_ops) & set(train_ops)
+
+
+def test_sweep_best_yaml_is_the_full_run(tmp_path, tiny_llama, data):
+    """best.yaml keeps the best trial's settings but the sweep's own schedule, not the budget."""
+    import dataclasses
+
+    from lorakit.config import SweepConfig, to_yaml
+    from lorakit.sweep import Sweep, Trial
+
+    cfg = SweepConfig(
+        base_model=str(tiny_llama),
+        dataset=str(data),
+        output_dir=str(tmp_path / "s"),
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        num_epochs=2,
+        val_size=4,
+        budget_steps=3,
+        param=["learning_rate=1e-3,1e-4"],
+    )
+    s = Sweep(cfg)
+    overrides = {"learning_rate": 1e-3}
+    trial_cfg = s.trial_config(overrides, s.steps_budget(), 1)
+    assert trial_cfg.max_steps == 3
+    full = s.full_run_config(Trial(overrides, config=dataclasses.asdict(trial_cfg)))
+    (tmp_path / "best.yaml").write_text(to_yaml(full))
+    again = resolve(TrainConfig, config_file=str(tmp_path / "best.yaml"))
+    assert again.learning_rate == 1e-3 and again.max_steps == 0 and again.num_epochs == 2
+    assert again.total_steps(s.n_rows) == 10  # 20 training rows / 4 per step x 2 epochs, not 3

@@ -74,6 +74,16 @@ class Adapter:
             return "fp32"
         return "fp16" if s.fp16 else "bf16" if (s.bf16 or s.load_in_4bit or s.load_in_8bit) else "fp32"
 
+    def weights_sha256(self) -> str:
+        """SHA-256 of the adapter's weights file: what a merge of it is recorded against."""
+        import hashlib
+
+        files = sorted(self.path.glob("adapter_model.*"))
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.read_bytes())
+        return h.hexdigest()
+
     def resolve_base(self, override: str = ""):
         """The BaseModel to load it on: --base_model when given, else the one it was trained on."""
         from .models import resolve_base_model

@@ -342,11 +342,25 @@ def _merged_dir(cfg: ExportConfig, out: Path) -> Path:
     if not cfg.adapter:
         raise LorakitError("export needs --adapter DIR (trained adapter) or --model DIR (merged model)")
     merged = out / "merged"
-    if (merged / "lorakit-merge.json").is_file() and not cfg.overwrite:
+    if not cfg.overwrite and _is_merge_of(merged, cfg):
         return merged
     from .merge import merge
 
     return merge(narrow(cfg, MergeConfig, output_dir=str(merged), overwrite=True))
+
+
+def _is_merge_of(merged: Path, cfg: ExportConfig) -> bool:
+    """A merge already in OUT/merged is reused only when it holds these adapter weights (a merge of
+    another adapter, or of this one before it was retrained, is redone) in the asked-for dtype."""
+    record = merged / "lorakit-merge.json"
+    if not record.is_file():
+        return False
+    try:
+        done = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    same_dtype = cfg.dtype == "auto" or done.get("dtype") == cfg.dtype
+    return same_dtype and done.get("adapter_sha256") == Adapter.open(cfg.adapter).weights_sha256()
 
 
 def _base_gguf(cfg: ExportConfig) -> str:
@@ -386,7 +400,10 @@ def export_ollama(cfg: ExportConfig) -> Path:
     else:
         merged = _merged_dir(cfg, out)
         gguf_path = out / f"model-{cfg.quant}.gguf"
-        if not gguf_path.is_file() or cfg.overwrite:
+        stale = (
+            not gguf_path.is_file() or gguf_path.stat().st_mtime < (merged / "config.json").stat().st_mtime
+        )
+        if stale or cfg.overwrite:  # a GGUF written before the merge it should come from is redone
             gguf_path = export_gguf(cfg, merged)
         from_line = f"./{gguf_path.name}"
         tokenizer = AutoTokenizer.from_pretrained(merged)

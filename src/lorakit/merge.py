@@ -92,6 +92,7 @@ def merge(cfg: MergeConfig) -> Path:
             tmp / "lorakit-merge.json",
             {
                 "adapter": str(Path(cfg.adapter).resolve()),
+                "adapter_sha256": adapter.weights_sha256(),
                 "base_model": base.name or "embedded SmolLM2-135M-Instruct",
                 "dtype": dtype_name,
                 "max_abs_logit_difference": diff,

@@ -77,8 +77,10 @@ class Progress(TrainerCallback):
         self.bar = None
         self.fields = {"loss": "-", "lr": "-", "tps": "-"}
         self.last = (time.perf_counter(), 0)
+        self.began = (time.perf_counter(), 0)  # (time, step) when this process started training
 
     def on_train_begin(self, args, state, control, **kw):
+        self.began = (time.perf_counter(), state.global_step)
         if not state.is_world_process_zero or not self.console.is_terminal:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -117,12 +119,21 @@ class Progress(TrainerCallback):
             else:
                 f = self.fields
                 say(
-                    f"step {state.global_step}/{state.max_steps}  loss {f['loss']}  lr {f['lr']}  {f['tps']} tok/s",
-                    flush=True,
+                    f"step {state.global_step}/{state.max_steps}  loss {f['loss']}  lr {f['lr']}  {f['tps']} tok/s"
+                    f"  eta {self.eta(state)}"
                 )
         if "eval_loss" in logs:
             msg = f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f} (perplexity {math.exp(min(logs['eval_loss'], 50)):.2f})"
             (self.bar.console.print if self.bar is not None else print)(msg)
+
+    def eta(self, state) -> str:
+        """Time left at the run's average speed since this process started training (H:MM:SS)."""
+        started, first = self.began
+        done = state.global_step - first
+        if done <= 0:
+            return "-"
+        left = (time.perf_counter() - started) / done * max(state.max_steps - state.global_step, 0)
+        return time.strftime("%H:%M:%S", time.gmtime(left)).removeprefix("00:")
 
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:

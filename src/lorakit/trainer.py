@@ -75,6 +75,11 @@ class LorakitTrainer(Trainer):
         self.guard = guard
         self.marker = marker
         self.chunked_loss = chunked_loss
+        if chunked_loss and self.args.world_size > 1:
+            say(
+                "lorakit: note: --chunked_loss is off with several processes (the DDP wrapper must run the "
+                "model's own forward); the model's loss is used"
+            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sources = inputs.pop("sources", None)
