@@ -38,8 +38,8 @@ class Adapter:
             raise LorakitError(
                 f"{config_file}: not valid JSON ({e}); the adapter directory is damaged"
             ) from None
-        if not isinstance(lora_config, dict):
-            raise LorakitError(f"{config_file}: expected a JSON object; the adapter directory is damaged")
+        _check_lora_config(lora_config, config_file)
+        _check_weights(d, lora_config)
         settings_file = d / "lorakit.yaml"
         settings = TrainConfig(**read_yaml(settings_file, TrainConfig)) if settings_file.is_file() else None
         if settings is None:  # a foreign PEFT adapter: PEFT records the base it was made on
@@ -102,3 +102,50 @@ def inference_system_prompt(requested: str | None, adapter: Adapter | None) -> s
     if requested is not None:
         return requested
     return adapter.system_prompt if adapter is not None else ""
+
+
+def _check_lora_config(lora_config: Any, config_file: Path) -> None:
+    if not isinstance(lora_config, dict):
+        raise LorakitError(f"{config_file}: expected a JSON object; the adapter directory is damaged")
+    r = lora_config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise LorakitError(
+            f"{config_file}: key 'r' must be a positive integer, got {r!r}; the adapter directory is damaged"
+        )
+    if not isinstance(lora_config.get("lora_alpha"), (int, float)):
+        raise LorakitError(
+            f"{config_file}: key 'lora_alpha' must be a number; the adapter directory is damaged"
+        )
+
+
+def _check_weights(d: Path, lora_config: dict) -> None:
+    """The weights file's header must be readable and its LoRA matrices must have the config's rank
+    (header only: no tensor is loaded). PEFT would fail later, deep inside, with a library error."""
+    weights = d / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (d / "adapter_model.bin").is_file():
+            return  # a pickled PEFT adapter: loaded by PEFT as it is
+        raise LorakitError(
+            f"{d}: no adapter_model.safetensors (the weights); copy the whole adapter directory"
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="numpy") as f:
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise LorakitError(
+            f"{weights}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); "
+            "the adapter is damaged: copy it again or train it again"
+        ) from None
+    r = lora_config["r"]
+    patterned = bool(lora_config.get("rank_pattern"))
+    for key, shape in shapes.items():
+        axis = 0 if ".lora_A." in key else 1 if ".lora_B." in key else None
+        if axis is None or patterned or len(shape) != 2:
+            continue
+        if shape[axis] != r:
+            raise LorakitError(
+                f"{weights}: tensor {key} has shape {list(shape)}, not rank r={r} as adapter_config.json says; "
+                "the weights and the config come from different adapters"
+            )

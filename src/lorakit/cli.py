@@ -146,10 +146,17 @@ COMMANDS = (
 GROUPS = {"export": "Export to GGUF, Ollama or vLLM.", "data": "Check or convert a dataset."}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with lorakit's one-line errors (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(
+            2, f"lorakit: error: {self.prog.removeprefix('lorakit ')}: {message} (see `{self.prog} --help`)\n"
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lorakit", description="JSONL instruction samples -> a fine-tuned LLM with LoRA / QLoRA."
-    )
+    p = Parser(prog="lorakit", description="JSONL instruction samples -> a fine-tuned LLM with LoRA / QLoRA.")
     p.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, Any] = {}

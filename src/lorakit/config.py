@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import math
+import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,20 +26,71 @@ from .errors import LorakitError
 GUIDE_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@dataclass(frozen=True)
+class Check:
+    """The valid values of a field: a test and the words that describe them in an error."""
+
+    test: Callable[[Any], bool]
+    text: str
+
+    def __call__(self, value: Any) -> bool:
+        try:
+            return bool(self.test(value))
+        except TypeError:
+            return False
+
+
+def at_least(n: float) -> Check:
+    return Check(lambda v: v >= n, f">= {n:g}")
+
+
+def above(n: float) -> Check:
+    return Check(lambda v: v > n, f"> {n:g}")
+
+
+def between(lo: float, hi: float, *, hi_open: bool = False, lo_open: bool = False) -> Check:
+    def test(v):
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    return Check(test, f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+
+
+POSITIVE = at_least(1)
+NON_NEGATIVE = at_least(0)
+PORT = between(1, 65535)
+NONEMPTY = Check(lambda v: len(v) > 0, "at least one value")
+SIZE = Check(
+    lambda v: bool(re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*(gib|gb|g|mib|mb|m)?\s*", v.lower())),
+    "a size such as 16GB or 24GiB",
+)
+OPTIONAL_SIZE = Check(lambda v: v == "" or SIZE(v), "a size such as 16GB or 24GiB")
+
+
 def opt(
     default: Any,
     help: str,
     *,
     choices: tuple[str, ...] | None = None,
+    check: Check | None = None,
     resumable: bool = False,
     sweepable: bool = True,
+    commas: bool = True,
 ) -> Any:
     """A config field: its default, its one-line docstring and, for strings, its allowed values.
 
+    `check`: the valid values (numbers must also be finite), tested whenever a config is built.
     `resumable`: may differ between a checkpoint and its resume without changing the run's maths.
     `sweepable`: `lorakit sweep --param` may vary it.
+    `commas`: a list field also takes `a,b` for `a b` (off where a value holds commas itself).
     """
-    meta = {"help": help, "choices": choices, "resumable": resumable, "sweepable": sweepable}
+    meta = {
+        "help": help,
+        "choices": choices,
+        "check": check,
+        "resumable": resumable,
+        "sweepable": sweepable,
+        "commas": commas,
+    }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -67,8 +121,44 @@ def size_band(n_rows: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return (128, 256), (1, 3)
 
 
+class Checked:
+    """Every field's value is checked against its `check` (and choices) whenever a config is
+    built: from flags, YAML or Python. Errors name the flag and the valid range."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check_value(type(self), f.name, getattr(self, f.name), f"--{f.name}")
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def check_value(cls: type, name: str, value: Any, where: str) -> None:
+    """Refuse a value outside the field's type, choices or range; `where` is a flag or file:line."""
+    meta = _field(cls, name).metadata
+    kind = _type_of(cls, name)
+    shown = repr(value) if not isinstance(value, list) else ",".join(map(str, value)) or "''"
+    if where.startswith("--"):
+        head = f"{where} {shown}: must be"
+    else:
+        head = f"{where}: key '{name}' must be"
+    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise LorakitError(f"{head} a number")
+    if kind is float and not math.isfinite(value):
+        raise LorakitError(f"{head} a finite number")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise LorakitError(f"{head} one of {', '.join(meta['choices'])}")
+    check = meta.get("check")
+    if check is not None and not check(value):
+        noun = {int: "an integer ", float: "a number "}.get(kind, "")
+        raise LorakitError(
+            f"{head} {noun}{check.text}" + (f", got {shown}" if not where.startswith("--") else "")
+        )
+
+
 @dataclass
-class ModelArgs:
+class ModelArgs(Checked):
     base_model: str = opt(
         "",
         "Hub id, local HF model directory or .gguf file ('' = the embedded SmolLM2-135M-Instruct).",
@@ -81,7 +171,7 @@ class ModelArgs:
 
 
 @dataclass
-class PromptArgs:
+class PromptArgs(Checked):
     system_prompt: str | None = opt(
         None,
         "System message before every conversation; a row's own system field wins. Unset: none in "
@@ -90,7 +180,7 @@ class PromptArgs:
 
 
 @dataclass
-class DataArgs:
+class DataArgs(Checked):
     dataset: str = opt(
         "",
         "JSONL/JSON file, directory, glob or HF datasets id ('' = the bundled demo data).",
@@ -103,7 +193,7 @@ class DataArgs:
         choices=("auto", "alpaca", "chat", "sharegpt", "completion", "text"),
     )
     max_seq_length: int = opt(
-        1024, "Longest training row in tokens; longer rows are handled by --overlength."
+        1024, "Longest training row in tokens; longer rows are handled by --overlength.", check=POSITIVE
     )
     overlength: str = opt(
         "drop", "What to do with rows longer than max_seq_length.", choices=("drop", "truncate", "error")
@@ -120,6 +210,7 @@ class DataArgs:
         0.0,
         "Validation split taken from the data: a fraction (< 1) or a row count (>= 1); 0 = none.",
         sweepable=False,
+        check=NON_NEGATIVE,
     )
     val_dataset: str = opt(
         "",
@@ -127,7 +218,11 @@ class DataArgs:
         resumable=True,
         sweepable=False,
     )
-    seed: int = opt(42, "Random seed for the validation split, the data order and LoRA initialisation.")
+    seed: int = opt(
+        42,
+        "Random seed for the validation split, the data order and LoRA initialisation.",
+        check=NON_NEGATIVE,
+    )
 
 
 @dataclass
@@ -144,12 +239,19 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         resumable=True,
         sweepable=False,
     )
-    lora_r: int = opt(64, "LoRA rank: the inner dimension of the A (r x d_in) and B (d_out x r) matrices.")
-    lora_alpha: float = opt(128, "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r.")
-    lora_dropout: float = opt(0.05, "Dropout on the LoRA branch input (0 is ~13% faster on CPU).")
+    lora_r: int = opt(
+        64, "LoRA rank: the inner dimension of the A (r x d_in) and B (d_out x r) matrices.", check=POSITIVE
+    )
+    lora_alpha: float = opt(
+        128, "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r.", check=above(0)
+    )
+    lora_dropout: float = opt(
+        0.05, "Dropout on the LoRA branch input (0 is ~13% faster on CPU).", check=between(0, 1, hi_open=True)
+    )
     target_modules: list[str] = opt(
         GUIDE_TARGET_MODULES,
         "Module names to adapt, or 'all-linear' for every linear layer but the output head.",
+        check=NONEMPTY,
     )
     modules_to_save: list[str] = opt(
         [],
@@ -170,21 +272,32 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         "Dtype of the 4-bit matmuls (auto: bf16 where supported, else fp16 on GPU, fp32 on CPU).",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
-    batch_size: int = opt(4, "Rows per device per forward pass (micro-batch).", resumable=True)
+    batch_size: int = opt(
+        4, "Rows per device per forward pass (micro-batch).", resumable=True, check=POSITIVE
+    )
     gradient_accumulation_steps: int = opt(
-        4, "Micro-batches per optimizer step (effective batch = batch_size x this).", resumable=True
+        4,
+        "Micro-batches per optimizer step (effective batch = batch_size x this).",
+        resumable=True,
+        check=POSITIVE,
     )
-    learning_rate: float = opt(2e-4, "Peak AdamW learning rate.")
-    num_epochs: float = opt(3.0, "Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = train for num_epochs).")
+    learning_rate: float = opt(2e-4, "Peak AdamW learning rate.", check=above(0))
+    num_epochs: float = opt(
+        3.0, "Passes over the training data (ignored when max_steps > 0).", check=above(0)
+    )
+    max_steps: int = opt(
+        0, "Stop after this many optimizer steps (0 = train for num_epochs).", check=NON_NEGATIVE
+    )
     warmup_steps: int = opt(
-        100, "Linear learning-rate warmup steps (capped at 10% of the run when larger than the run)."
+        100,
+        "Linear learning-rate warmup steps (capped at 10% of the run when larger than the run).",
+        check=NON_NEGATIVE,
     )
-    weight_decay: float = opt(0.01, "AdamW weight decay.")
+    weight_decay: float = opt(0.01, "AdamW weight decay.", check=NON_NEGATIVE)
     lr_scheduler_type: str = opt(
         "cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant_with_warmup")
     )
-    max_grad_norm: float = opt(1.0, "Gradient clipping by global norm (0 = off).")
+    max_grad_norm: float = opt(1.0, "Gradient clipping by global norm (0 = off).", check=NON_NEGATIVE)
     fp16: bool = opt(False, "fp16 mixed precision (CUDA GPUs only).")
     bf16: bool = opt(False, "bf16 mixed precision (Ampere+ GPUs, or CPUs with bf16 support).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% slower.")
@@ -192,16 +305,19 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         True, "Batch rows of similar length together so little compute is spent on padding."
     )
     early_stopping_patience: int = opt(
-        0, "Stop after this many evaluations without a lower validation loss; restore the best (0 = off)."
+        0,
+        "Stop after this many evaluations without a lower validation loss; restore the best (0 = off).",
+        check=NON_NEGATIVE,
     )
     save_steps: int = opt(
         100,
         "Write a resumable checkpoint every this many steps (early stopping: every eval).",
         resumable=True,
         sweepable=False,
+        check=POSITIVE,
     )
     save_total_limit: int = opt(
-        3, "Keep only the newest this many checkpoints (and the best one).", resumable=True
+        3, "Keep only the newest this many checkpoints (and the best one).", resumable=True, check=POSITIVE
     )
     resume: bool = opt(
         False, "Continue from the newest complete checkpoint in output_dir.", resumable=True, sweepable=False
@@ -224,11 +340,13 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         3,
         "Stop after this many consecutive steps with a NaN/inf loss or gradient (each one is skipped).",
         resumable=True,
+        check=POSITIVE,
     )
     no_progress_steps: int = opt(
         100,
         "Warn when the training loss has not fallen after this many optimizer steps (0 = never).",
         resumable=True,
+        check=NON_NEGATIVE,
     )
     chunked_loss: bool = opt(
         True,
@@ -251,7 +369,9 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         resumable=True,
     )
     num_processes: int = opt(
-        1, "Launch this many processes through `accelerate launch` (one per GPU; gloo on CPU)."
+        1,
+        "Launch this many processes through `accelerate launch` (one per GPU; gloo on CPU).",
+        check=POSITIVE,
     )
     distributed: str = opt(
         "ddp",
@@ -262,15 +382,18 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         0,
         "With validation data: evaluate its loss every this many steps (0 = at each epoch's end).",
         sweepable=False,
+        check=NON_NEGATIVE,
     )
     logging_steps: int = opt(
         5,
         "Log train loss, learning rate and throughput every this many optimizer steps.",
         resumable=True,
         sweepable=False,
+        check=POSITIVE,
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # Checks that need no hardware: plan, sweep and train refuse the same combinations.
         if self.fp16 and self.bf16:
             raise LorakitError("--fp16 and --bf16 are exclusive: pick one")
@@ -299,24 +422,31 @@ class PlanConfig(TrainConfig):
     gpu: str = opt(
         "", "GPU to plan for by name (see `lorakit plan --list_gpus`), e.g. rtx4070tisuper, a100-80, h100."
     )
-    gpu_memory: str = opt("", "GPU memory budget, e.g. 16GB or 24GiB (overrides --gpu's memory).")
+    gpu_memory: str = opt(
+        "", "GPU memory budget, e.g. 16GB or 24GiB (overrides --gpu's memory).", check=OPTIONAL_SIZE
+    )
     fit: bool = opt(
         False, "Search rank, micro-batch, length, checkpointing and 8/4-bit for the fastest run that fits."
     )
     utilization: float = opt(
-        0.35, "Assumed fraction of the GPU's peak bf16 FLOP/s reached in training (for time estimates)."
+        0.35,
+        "Assumed fraction of the GPU's peak bf16 FLOP/s reached in training (for time estimates).",
+        check=between(0, 1, lo_open=True),
     )
     list_gpus: bool = opt(False, "List the known GPUs and exit.")
     num_gpus: int = opt(
         1,
         "GPUs the run is spread over (with --distributed: how weights, gradients and optimizer are sharded).",
+        check=POSITIVE,
     )
 
 
 @dataclass
 class SweepConfig(TrainConfig):
     param: list[str] = opt(
-        [], "Values to try, as NAME=V1,V2,... (repeat for several settings; none: the guide's defaults)."
+        [],
+        "Values to try, as NAME=V1,V2,... (repeat for several settings; none: the guide's defaults).",
+        commas=False,
     )
     strategy: str = opt(
         "grid",
@@ -324,15 +454,21 @@ class SweepConfig(TrainConfig):
         choices=("grid", "halving", "optuna"),
     )
     budget_steps: int = opt(
-        0, "Optimizer steps per trial (halving: of the last rung; 0 = num_epochs / max_steps)."
+        0,
+        "Optimizer steps per trial (halving: of the last rung; 0 = num_epochs / max_steps).",
+        check=NON_NEGATIVE,
     )
-    budget_minutes: float = opt(0.0, "Stop starting new trials after this many minutes (0 = no limit).")
-    n_trials: int = opt(8, "Trials for --strategy optuna.")
+    budget_minutes: float = opt(
+        0.0, "Stop starting new trials after this many minutes (0 = no limit).", check=NON_NEGATIVE
+    )
+    n_trials: int = opt(8, "Trials for --strategy optuna.", check=POSITIVE)
     halving_rungs: int = opt(
-        3, "Rungs of successive halving (steps double and configurations halve at each)."
+        3, "Rungs of successive halving (steps double and configurations halve at each).", check=POSITIVE
     )
     gpu_memory: str = opt(
-        "", "Skip configurations the planner says will not fit this memory (default: the GPU's, if any)."
+        "",
+        "Skip configurations the planner says will not fit this memory (default: the GPU's, if any).",
+        check=OPTIONAL_SIZE,
     )
     train_best: bool = opt(
         False, "After the sweep, train the best configuration in full (num_epochs, not the budget)."
@@ -341,7 +477,9 @@ class SweepConfig(TrainConfig):
 
 @dataclass
 class DataCheckConfig(ModelArgs, DataArgs, PromptArgs):
-    preview: int = opt(3, "Rendered rows to show with their supervised tokens highlighted.")
+    preview: int = opt(
+        3, "Rendered rows to show with their supervised tokens highlighted.", check=NON_NEGATIVE
+    )
     plot: str = opt("", "Write a PNG histogram of token lengths to this path.")
     output: str = opt("", "Write the full report as JSON to this path.")
 
@@ -352,16 +490,22 @@ class DataConvertConfig(DataArgs, PromptArgs):
 
 
 @dataclass
-class SamplingArgs:
+class SamplingArgs(Checked):
     temperature: float = opt(
-        0.0, "Sampling temperature; 0 = greedy decoding, so the same prompt gives the same answer."
+        0.0,
+        "Sampling temperature; 0 = greedy decoding, so the same prompt gives the same answer.",
+        check=between(0, 2),
     )
-    top_p: float = opt(0.9, "Nucleus sampling mass (used when temperature > 0).")
-    top_k: int = opt(40, "Sample from the k most likely tokens (used when temperature > 0).")
+    top_p: float = opt(
+        0.9, "Nucleus sampling mass (used when temperature > 0).", check=between(0, 1, lo_open=True)
+    )
+    top_k: int = opt(
+        40, "Sample from the k most likely tokens (used when temperature > 0).", check=NON_NEGATIVE
+    )
 
 
 @dataclass
-class AdapterArgs:
+class AdapterArgs(Checked):
     adapter: str = opt(
         "", "Adapter directory written by `lorakit train` (its base and chat template are used)."
     )
@@ -369,7 +513,7 @@ class AdapterArgs:
 
 @dataclass
 class GenerateConfig(ModelArgs, PromptArgs, SamplingArgs, AdapterArgs):
-    max_new_tokens: int = opt(256, "Most tokens to generate.")
+    max_new_tokens: int = opt(256, "Most tokens to generate.", check=POSITIVE)
 
 
 @dataclass
@@ -383,12 +527,14 @@ class MergeConfig(ModelArgs, AdapterArgs):
         "Dtype of the merged weights (auto: the training dtype, bf16 for a quantized base).",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
-    max_shard_size: str = opt("2GB", "Largest safetensors shard.")
+    max_shard_size: str = opt("2GB", "Largest safetensors shard.", check=SIZE)
 
 
 @dataclass
 class ExportConfig(MergeConfig, SamplingArgs):
-    temperature: float = opt(0.3, "PARAMETER temperature of the Modelfile (the guide's serving value).")
+    temperature: float = opt(
+        0.3, "PARAMETER temperature of the Modelfile (the guide's serving value).", check=between(0, 2)
+    )
     model: str = opt("", "An already merged model directory (instead of --adapter).")
     output_dir: str = opt("outputs/export", "Directory for the exported files.")
     quant: str = opt("f16", "GGUF tensor type of the weights.", choices=("f32", "f16", "bf16", "q8_0"))
@@ -399,39 +545,45 @@ class ExportConfig(MergeConfig, SamplingArgs):
     )
     system: str = opt("", "SYSTEM of the Modelfile ('' = the system prompt the adapter was trained with).")
     ollama_name: str = opt("lorakit-model", "Model name in the printed `ollama create` command.")
-    port: int = opt(8000, "Port in the printed `vllm serve` command.")
+    port: int = opt(8000, "Port in the printed `vllm serve` command.", check=PORT)
 
 
 @dataclass
 class EvalConfig(ModelArgs, DataArgs, PromptArgs, AdapterArgs):
     model: str = opt("", "A merged model directory to evaluate instead of an adapter.")
     output_dir: str = opt("outputs/eval", "Directory for eval.json, eval.md, eval.png and failures.jsonl.")
-    max_new_tokens: int = opt(256, "Most tokens generated per row (greedy decoding).")
-    eval_batch_size: int = opt(8, "Rows per batch for loss and generation.")
-    max_rows: int = opt(0, "Evaluate at most this many rows (0 = all).")
+    max_new_tokens: int = opt(256, "Most tokens generated per row (greedy decoding).", check=POSITIVE)
+    eval_batch_size: int = opt(8, "Rows per batch for loss and generation.", check=POSITIVE)
+    max_rows: int = opt(0, "Evaluate at most this many rows (0 = all).", check=NON_NEGATIVE)
     compare_base: bool = opt(
         False, "Also evaluate the base model without the adapter and report the differences."
     )
-    failures: int = opt(20, "Worst rows (by score and by loss) written to failures.jsonl.")
+    failures: int = opt(
+        20, "Worst rows (by score and by loss) written to failures.jsonl.", check=NON_NEGATIVE
+    )
 
 
 @dataclass
 class ChatConfig(ModelArgs, PromptArgs, SamplingArgs, AdapterArgs):
-    max_new_tokens: int = opt(512, "Most tokens per answer.")
+    max_new_tokens: int = opt(512, "Most tokens per answer.", check=POSITIVE)
 
 
 @dataclass
 class ServeConfig(ModelArgs, PromptArgs):
     adapter: list[str] = opt(
-        [], "Adapters to serve as NAME=DIR (several share one base; the request's model picks one)."
+        [],
+        "Adapters to serve as NAME=DIR (several share one base; the request's model picks one).",
+        commas=False,
     )
     host: str = opt("127.0.0.1", "Address to bind (127.0.0.1 = this machine only).")
-    port: int = opt(8000, "Port to listen on.")
+    port: int = opt(8000, "Port to listen on.", check=PORT)
     api_key: str = opt("", "Require `Authorization: Bearer KEY` on every request ('' = no key).")
-    max_tokens_limit: int = opt(1024, "Largest max_tokens a request may ask for.")
-    max_request_bytes: int = opt(1_000_000, "Largest request body accepted (larger: HTTP 413).")
+    max_tokens_limit: int = opt(1024, "Largest max_tokens a request may ask for.", check=POSITIVE)
+    max_request_bytes: int = opt(
+        1_000_000, "Largest request body accepted (larger: HTTP 413).", check=POSITIVE
+    )
     max_concurrent_requests: int = opt(
-        8, "Requests admitted at once (generation runs one at a time); more: HTTP 429."
+        8, "Requests admitted at once (generation runs one at a time); more: HTTP 429.", check=POSITIVE
     )
 
 
@@ -440,8 +592,8 @@ class DemoConfig(TrainConfig):
     eval_dataset: str = opt(
         "", "Held-out JSONL file scored before and after training ('' = the bundled demo test split)."
     )
-    max_eval_rows: int = opt(40, "Score at most this many held-out rows.")
-    max_new_tokens: int = opt(24, "Most tokens generated per held-out prompt.")
+    max_eval_rows: int = opt(40, "Score at most this many held-out rows.", check=POSITIVE)
+    max_new_tokens: int = opt(24, "Most tokens generated per held-out prompt.", check=POSITIVE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,9 +601,14 @@ class DemoConfig(TrainConfig):
 # of the default, help and type; argparse and PyYAML each only do their half.
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _type_of(cls: type, name: str) -> Any:
     """The field's type, with `X | None` read as X (None is its "not given" default)."""
-    kind = typing.get_type_hints(cls)[name]
+    kind = _hints(cls)[name]
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     return args[0] if type(None) in typing.get_args(kind) and len(args) == 1 else kind
 
@@ -496,19 +653,25 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
             raise LorakitError(bad) from None
     if typing.get_origin(kind) is list:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise LorakitError(f"{bad} (a list of names)")
-        return value
+        return split_list(cls, name, value)
     if value is None:
-        field_ = next(f for f in dataclasses.fields(cls) if f.name == name)
-        return None if field_.default is None else ""
+        return None if _field(cls, name).default is None else ""
     if not isinstance(value, str):
         raise LorakitError(f"{bad} (quote it)")
-    choices = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("choices")
+    choices = _field(cls, name).metadata.get("choices")
     if choices and value not in choices:
         raise LorakitError(f"{where}: key '{name}' must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def split_list(cls: type, name: str, values: list[str]) -> list[str]:
+    """`a b`, `a,b` and `a, b` alike (for list fields whose values hold no commas themselves)."""
+    if not _field(cls, name).metadata.get("commas", True):
+        return list(values)
+    return [part.strip() for v in values for part in v.split(",") if part.strip()]
 
 
 def unknown_key_error(cls: type, key: str, where: str) -> LorakitError:
@@ -544,6 +707,7 @@ def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
             raise unknown_key_error(cls, key, where)
         value = yaml.safe_load(yaml.serialize(value_node))
         values[key] = _coerce(cls, key, value, where)
+        check_value(cls, key, values[key], where)
     return values
 
 
@@ -558,6 +722,9 @@ def resolve(
     for key, value in (flags or {}).items():
         if key not in names:
             raise unknown_key_error(cls, key, "argument")
+        if isinstance(value, list):
+            value = split_list(cls, key, value)
+        check_value(cls, key, value, f"--{key}")
         values[key] = value
     return cls(**values)
 

@@ -241,6 +241,10 @@ def load_tokenizer(base: BaseModel, trust_remote_code: bool = False, adapter: st
         raise LorakitError(
             f"--base_model {base.name}: cannot load its tokenizer ({str(e).splitlines()[0]})"
         ) from None
+    except Exception as e:  # a damaged tokenizer.json / tokenizer_config.json: tokenizers' own errors
+        raise LorakitError(
+            f"{source}: the tokenizer files cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        ) from None
     if tok.pad_token_id is None:
         # Padding positions are excluded by the attention mask and by labels built from row
         # lengths, never by matching the pad id, so reusing EOS here cannot mask EOS out.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .errors import LorakitError
 from .io import is_main_process, say
 
 METRICS_FILE = "metrics.jsonl"
@@ -21,7 +22,22 @@ def read_metrics(out: Path) -> list[dict]:
     path = out / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, lines = [], path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # a last line cut short by a kill: ignore it
+                continue
+            raise LorakitError(
+                f"{path}:{n}: not valid JSON ({e.msg}); the run directory is damaged"
+            ) from None
+        if not isinstance(row, dict):
+            raise LorakitError(f"{path}:{n}: expected a JSON object; the run directory is damaged")
+        rows.append(row)
+    return rows
 
 
 class MetricsLog(TrainerCallback):

@@ -123,6 +123,10 @@ def prepare(cfg: TrainConfig) -> Run:
     set_seed(cfg.seed)
     model = add_lora(cfg, load_training_model(cfg, base, precision))
     trainable, total = model.get_nb_trainable_parameters()
+    if trainable == 0:
+        raise LorakitError(
+            f"--target_modules {','.join(cfg.target_modules)}: the adapter would have no trainable parameter"
+        )
     say(
         f"lorakit: trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
     )
@@ -279,6 +283,9 @@ def finish(run: Run, fitted: Fit) -> Path:
         metrics.append({**summary, "status": "paused"})
         plot_loss_curve(out)
         return out
+    if state.global_step == 0:  # an adapter that looks like a result but never took a step
+        metrics.append({**summary, "status": "no steps"})
+        raise LorakitError("no optimizer step ran: nothing was trained, no adapter written")
     metrics.append({**summary, "status": "finished"})
     plot_loss_curve(out)
     if is_main_process():  # rank 0 writes the outputs
