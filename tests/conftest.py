@@ -71,6 +71,28 @@ def tiny_qwen2(tmp_path_factory, smol_tokenizer) -> Path:
     )
 
 
+def tiny_train_config(base, data, out, **kw):
+    """A short training run of a tiny model: 12 steps of 4 rows, LoRA r=4, a checkpoint every 4."""
+    from lorakit.config import TrainConfig
+
+    settings = dict(
+        base_model=str(base),
+        dataset=str(data),
+        output_dir=str(out),
+        max_steps=12,
+        save_steps=4,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        lora_r=4,
+        lora_dropout=0.0,
+        warmup_steps=0,
+        logging_steps=1,
+        learning_rate=1e-3,
+    )
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text(
         "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"

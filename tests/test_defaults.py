@@ -12,7 +12,7 @@ from lorakit.config import EvalConfig, GenerateConfig, PlanConfig, TrainConfig, 
 from lorakit.errors import LorakitError
 from lorakit.train import train
 
-from .conftest import write_jsonl
+from .conftest import tiny_train_config, write_jsonl
 
 OLD_DEFAULT = "You are an expert SNES developer."
 
@@ -27,21 +27,7 @@ def data(tmp_path_factory):
 
 
 def tiny_cfg(base, data, out, **kw):
-    settings = dict(
-        base_model=str(base),
-        dataset=str(data),
-        output_dir=str(out),
-        max_steps=4,
-        save_steps=2,
-        batch_size=4,
-        gradient_accumulation_steps=1,
-        lora_r=4,
-        lora_dropout=0.0,
-        warmup_steps=0,
-        logging_steps=1,
-    )
-    settings.update(kw)
-    return TrainConfig(**settings)
+    return tiny_train_config(base, data, out, **{"max_steps": 4, "save_steps": 2, **kw})
 
 
 @pytest.fixture(scope="module")

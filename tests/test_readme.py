@@ -113,20 +113,20 @@ def substitutions(tiny_llama, tiny_qwen2):
     }
 
 
-def run(line: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
+def run(command: str | list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """A shell line (or an argv list) in the workspace, with lorakit on PATH; it must succeed."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(
-        line,
-        shell=True,
+        command,
+        shell=isinstance(command, str),
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
         timeout=900,
-        **kw,
     )
-    assert proc.returncode == 0, f"{line}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
@@ -153,7 +153,7 @@ def test_readme_blocks_run(workspace, substitutions, tiny_llama):
     try:
         for lang, body in todo:
             if lang == "python":
-                _run_python(body, workspace)
+                run([sys.executable, "-c", body], workspace)
                 continue
             for line in commands(body):
                 if line.startswith("lorakit train --config sweeps/first/best.yaml"):
@@ -177,14 +177,6 @@ def test_readme_blocks_run(workspace, substitutions, tiny_llama):
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
-
-
-def _run_python(body: str, cwd: Path) -> None:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(
-        [sys.executable, "-c", body], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, f"{body}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
 def _start_server(line: str, cwd: Path) -> subprocess.Popen:

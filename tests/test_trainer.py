@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.checkpoints import CHECKPOINT_MARKER, complete_checkpoints
-from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
 from lorakit.train import train
 
+from .conftest import tiny_train_config as base_cfg
 from .conftest import write_jsonl
 
 
@@ -124,25 +124,6 @@ def test_sigterm_leaves_loadable_checkpoint(tmp_path, tiny_llama, data):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(ckpt))
     assert any("lora_" in n for n, _ in model.named_parameters())
     assert json.loads((ckpt / CHECKPOINT_MARKER).read_text())["step"] == int(ckpt.name.split("-")[1])
-
-
-def base_cfg(base, data, out, **kw):
-    settings = dict(
-        base_model=str(base),
-        dataset=str(data),
-        output_dir=str(out),
-        max_steps=12,
-        save_steps=4,
-        batch_size=4,
-        gradient_accumulation_steps=1,
-        lora_r=4,
-        lora_dropout=0.0,
-        warmup_steps=0,
-        logging_steps=1,
-        learning_rate=1e-3,
-    )
-    settings.update(kw)
-    return TrainConfig(**settings)
 
 
 def test_partial_checkpoint_is_never_resumed(tmp_path, tiny_llama, data):
