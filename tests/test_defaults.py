@@ -127,7 +127,7 @@ def test_resume_refuses_another_base_model_but_not_another_path(
         "--lora_dropout",
         "0",
     ]
-    flags += ["--warmup_steps", "0", "--logging_steps", "1", "--resume"]
+    flags += ["--warmup_steps", "0", "--logging_steps", "1", "--learning_rate", "1e-3", "--resume"]
     capsys.readouterr()
     assert main([*flags, "--base_model", str(tiny_qwen2)]) == 2
     err = capsys.readouterr().err
@@ -192,3 +192,27 @@ def test_sweep_best_yaml_is_the_full_run(tmp_path, tiny_llama, data):
     again = resolve(TrainConfig, config_file=str(tmp_path / "best.yaml"))
     assert again.learning_rate == 1e-3 and again.max_steps == 0 and again.num_epochs == 2
     assert again.total_steps(s.n_rows) == 10  # 20 training rows / 4 per step x 2 epochs, not 3
+
+
+def test_eval_with_skipped_rows_keeps_each_score_on_its_row(tmp_path, adapter):
+    from lorakit.evaluate import evaluate
+
+    rows = [
+        {"instruction": "Assemble.", "input": "NOP", "output": "EA"},
+        {"instruction": "Assemble.", "input": "bad", "output": "x<|im_end|>y"},  # skipped at encoding
+        {"instruction": "Assemble.", "input": "INX", "output": "E8"},
+    ]
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    report = evaluate(
+        EvalConfig(
+            adapter=str(adapter),
+            dataset=str(data),
+            output_dir=str(tmp_path / "e"),
+            max_new_tokens=2,
+            skip_bad_rows=True,
+        )
+    )
+    assert [(r["source"].rsplit(":", 1)[1], r["reference"]) for r in report["rows"]] == [
+        ("1", "EA"),
+        ("3", "E8"),
+    ]

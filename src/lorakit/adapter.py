@@ -25,7 +25,9 @@ class Adapter:
     manifest: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: str | Path) -> Adapter:
+    def open(cls, path: str | Path, weights: bool = True) -> Adapter:
+        """Read and check an adapter directory; `weights=False` for commands that only read its
+        configuration (the vLLM command line)."""
         d = Path(path).expanduser()
         config_file = d / "adapter_config.json"
         if not config_file.is_file():
@@ -39,7 +41,8 @@ class Adapter:
                 f"{config_file}: not valid JSON ({e}); the adapter directory is damaged"
             ) from None
         _check_lora_config(lora_config, config_file)
-        _check_weights(d, lora_config)
+        if weights:
+            _check_weights(d, lora_config)
         settings_file = d / "lorakit.yaml"
         settings = TrainConfig(**read_yaml(settings_file, TrainConfig)) if settings_file.is_file() else None
         if settings is None:  # a foreign PEFT adapter: PEFT records the base it was made on
@@ -112,7 +115,7 @@ def _check_lora_config(lora_config: Any, config_file: Path) -> None:
         raise LorakitError(
             f"{config_file}: key 'r' must be a positive integer, got {r!r}; the adapter directory is damaged"
         )
-    if not isinstance(lora_config.get("lora_alpha"), (int, float)):
+    if not isinstance(lora_config.get("lora_alpha", 8), (int, float)):  # PEFT's default when absent
         raise LorakitError(
             f"{config_file}: key 'lora_alpha' must be a number; the adapter directory is damaged"
         )

@@ -1,9 +1,10 @@
-"""`lorakit chat`: talk to a model (and adapter) in the terminal, with streamed answers."""
+"""`lorakit chat`: talk to a model (and adapter) in the terminal, with streamed answers.
+
+An interactive single process: it prints with print(), never the rank-aware say()."""
 
 from __future__ import annotations
 
 from .config import ChatConfig
-from .io import say
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt), /exit"
 
@@ -18,12 +19,12 @@ def chat(cfg: ChatConfig) -> None:
     stop = fmt.stop_ids()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     history: list[dict] = []
-    say(f"lorakit chat ({cfg.adapter or cfg.base_model or 'SmolLM2-135M-Instruct'}); {HELP}", flush=True)
+    print(f"lorakit chat ({cfg.adapter or cfg.base_model or 'SmolLM2-135M-Instruct'}); {HELP}", flush=True)
     while True:
         try:
             line = input(">>> ")
         except (EOFError, KeyboardInterrupt):
-            say()
+            print()
             break
         command = line.strip()
         if not command:
@@ -32,15 +33,15 @@ def chat(cfg: ChatConfig) -> None:
             break
         if command == "/reset":
             history = []
-            say("(conversation cleared)")
+            print("(conversation cleared)")
             continue
         if command.startswith("/system"):
             system = command[len("/system") :].strip()
             history = []
-            say(f"(system prompt set{': ' + system if system else ' to none'}; conversation cleared)")
+            print(f"(system prompt set{': ' + system if system else ' to none'}; conversation cleared)")
             continue
         if command.startswith("/"):
-            say(HELP)
+            print(HELP)
             continue
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
@@ -51,8 +52,8 @@ def chat(cfg: ChatConfig) -> None:
         )
         for piece, reason in stream_text(tokenizer, tokens, stop):
             answer.append(piece)
-            say(piece, end="", flush=True)
+            print(piece, end="", flush=True)
             if reason == "length":
-                say(" [... max_new_tokens reached]", end="")
-        say(flush=True)
+                print(" [... max_new_tokens reached]", end="")
+        print(flush=True)
         history.append({"role": "assistant", "content": "".join(answer)})

@@ -150,9 +150,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with lorakit's one-line errors (argparse prints the whole usage first)."""
 
     def error(self, message: str):
-        self.exit(
-            2, f"lorakit: error: {self.prog.removeprefix('lorakit ')}: {message} (see `{self.prog} --help`)\n"
-        )
+        where = self.prog.removeprefix("lorakit").strip()  # "train", "export gguf", or "" at the top
+        self.exit(2, f"lorakit: error: {where + ': ' if where else ''}{message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ class Check:
     def __call__(self, value: Any) -> bool:
         try:
             return bool(self.test(value))
-        except TypeError:
+        except Exception:  # a value of the wrong type is outside every range
             return False
 
 
@@ -62,6 +62,10 @@ NONEMPTY = Check(lambda v: len(v) > 0, "at least one value")
 SIZE = Check(
     lambda v: bool(re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*(gib|gb|g|mib|mb|m)?\s*", v.lower())),
     "a size such as 16GB or 24GiB",
+)
+# What transformers' save_pretrained(max_shard_size=) reads: an integer and a unit.
+SHARD_SIZE = Check(
+    lambda v: bool(re.fullmatch(r"\s*[0-9]+\s*[kmg]i?b\s*", v.lower())), "a size such as 2GB or 500MB"
 )
 OPTIONAL_SIZE = Check(lambda v: v == "" or SIZE(v), "a size such as 16GB or 24GiB")
 
@@ -283,7 +287,7 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
     )
     learning_rate: float = opt(2e-4, "Peak AdamW learning rate.", check=above(0))
     num_epochs: float = opt(
-        3.0, "Passes over the training data (ignored when max_steps > 0).", check=above(0)
+        3.0, "Passes over the training data (ignored when max_steps > 0).", check=NON_NEGATIVE
     )
     max_steps: int = opt(
         0, "Stop after this many optimizer steps (0 = train for num_epochs).", check=NON_NEGATIVE
@@ -317,7 +321,10 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         check=POSITIVE,
     )
     save_total_limit: int = opt(
-        3, "Keep only the newest this many checkpoints (and the best one).", resumable=True, check=POSITIVE
+        3,
+        "Keep only the newest this many checkpoints (and the best one); 0 = keep all.",
+        resumable=True,
+        check=NON_NEGATIVE,
     )
     resume: bool = opt(
         False, "Continue from the newest complete checkpoint in output_dir.", resumable=True, sweepable=False
@@ -399,6 +406,8 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
             raise LorakitError("--fp16 and --bf16 are exclusive: pick one")
         if self.load_in_4bit and self.load_in_8bit:
             raise LorakitError("--load_in_4bit and --load_in_8bit are exclusive: pick one")
+        if self.max_steps == 0 and self.num_epochs <= 0:  # a run of no step would look like a result
+            raise LorakitError(f"--num_epochs {self.num_epochs:g}: must be > 0 (or give --max_steps)")
 
     @property
     def precision(self) -> str:
@@ -527,7 +536,7 @@ class MergeConfig(ModelArgs, AdapterArgs):
         "Dtype of the merged weights (auto: the training dtype, bf16 for a quantized base).",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
-    max_shard_size: str = opt("2GB", "Largest safetensors shard.", check=SIZE)
+    max_shard_size: str = opt("2GB", "Largest safetensors shard.", check=SHARD_SIZE)
 
 
 @dataclass
@@ -576,7 +585,7 @@ class ServeConfig(ModelArgs, PromptArgs):
         commas=False,
     )
     host: str = opt("127.0.0.1", "Address to bind (127.0.0.1 = this machine only).")
-    port: int = opt(8000, "Port to listen on.", check=PORT)
+    port: int = opt(8000, "Port to listen on (0 = any free port, printed at start).", check=between(0, 65535))
     api_key: str = opt("", "Require `Authorization: Bearer KEY` on every request ('' = no key).")
     max_tokens_limit: int = opt(1024, "Largest max_tokens a request may ask for.", check=POSITIVE)
     max_request_bytes: int = opt(
@@ -592,7 +601,7 @@ class DemoConfig(TrainConfig):
     eval_dataset: str = opt(
         "", "Held-out JSONL file scored before and after training ('' = the bundled demo test split)."
     )
-    max_eval_rows: int = opt(40, "Score at most this many held-out rows.", check=POSITIVE)
+    max_eval_rows: int = opt(40, "Score at most this many held-out rows (0 = all).", check=NON_NEGATIVE)
     max_new_tokens: int = opt(24, "Most tokens generated per held-out prompt.", check=POSITIVE)
 
 

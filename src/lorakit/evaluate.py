@@ -192,6 +192,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         cfg.model or cfg.base_model, trained or "", cfg.trust_remote_code
     )
     examples = encode_data(Samples(samples, [], loaded.report), chat, data_cfg, max_seq_length=1 << 30).train
+    encoded = {e["source"] for e in examples}  # --skip_bad_rows may have skipped some: keep rows aligned
+    samples = [s for s in samples if s.where in encoded]
     label = "tuned" if (cfg.adapter or cfg.model) else "base"
     summary, rows = run_eval(model, tokenizer, chat, samples, examples, cfg)
     results = {label: summary}

@@ -417,7 +417,7 @@ def export_ollama(cfg: ExportConfig) -> Path:
 def vllm_command(cfg: ExportConfig, merged: Path | None) -> str:
     if merged is not None:
         return f"vllm serve {shlex.quote(str(merged))} --port {cfg.port} --generation-config auto"
-    adapter = Adapter.open(cfg.adapter)
+    adapter = Adapter.open(cfg.adapter, weights=False)  # a command line: the weights are vLLM's to read
     lora_cfg = adapter.lora_config
     if lora_cfg.get("modules_to_save"):
         raise LorakitError(

@@ -149,7 +149,8 @@ class Progress(TrainerCallback):
         if done <= 0:
             return "-"
         left = (time.perf_counter() - started) / done * max(state.max_steps - state.global_step, 0)
-        return time.strftime("%H:%M:%S", time.gmtime(left)).removeprefix("00:")
+        hours, rest = divmod(int(left), 3600)
+        return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
 
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:

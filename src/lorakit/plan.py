@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -700,7 +701,7 @@ def train_command(cfg: TrainConfig) -> str:
             parts.append(f"--{f.name} {' '.join(value)}")
         else:
             text = f"{value:g}" if isinstance(value, float) else str(value)
-            parts.append(f"--{f.name} {json.dumps(text) if ' ' in text else text}")
+            parts.append(f"--{f.name} {shlex.quote(text)}")
     return " ".join(parts)
 
 
