@@ -258,3 +258,25 @@ def test_fit_lowers_the_rank_before_it_shortens_the_sequence():
     assert r32_1024 < budget < r64_1024 and r64_768 < budget  # both alternatives fit, the original does not
     chosen, plan, _ = fit(PlanConfig(**base, gpu_memory=f"{budget / GIB:.4f}GiB", fit=True))
     assert (chosen.lora_r, chosen.max_seq_length) == (32, 1024) and plan.fits
+
+
+def test_fit_says_how_many_rows_a_shorter_sequence_drops(tmp_path, smol_dir, capsys):
+    from lorakit.plan import plan
+
+    from .conftest import write_jsonl
+
+    rows = [{"instruction": "x " * n, "output": "y"} for n in (20, 40, 60, 300, 310)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    base = dict(
+        base_model=str(smol_dir), dataset=str(data), lora_r=8, batch_size=1, gradient_accumulation_steps=1
+    )
+    smallest = dict(load_in_4bit=True, bf16=True, gradient_checkpointing=True)
+    full = make_plan(PlanConfig(**base, **smallest))
+    peak = full.seq_len
+    shorter = make_plan(PlanConfig(**base, **smallest), lengths=(peak * 3 // 4, 50.0, 5, "test"))
+    budget = (full.total_bytes + shorter.total_bytes) / 2
+    assert shorter.total_bytes < budget < full.total_bytes
+    result = plan(PlanConfig(**base, fit=True, gpu_memory=f"{budget / GIB:.5f}GiB"))
+    assert result.rows_over_length == 2  # the two rows of 300+ words
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2 training rows are longer than max_seq_length" in out and "(--overlength drop)" in out

@@ -30,6 +30,7 @@ from lorakit.config import (
     GenerateConfig,
     PlanConfig,
     PromptArgs,
+    ServeConfig,
     TrainConfig,
 )
 
@@ -245,3 +246,8 @@ def test_defaults_stated_in_the_readme_are_the_codes():
     assert int(find(r"`top_p [0-9.]+`, `top_k (\d+)`")) == e.top_k
     assert "`FROM` the GGUF (default)" in _readme_text() and e.ollama_from == "gguf"
     assert float(find(r"at an assumed (\d+)% of the GPU's peak")) / 100 == PlanConfig().utilization
+    from lorakit.plan import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB
+
+    assert float(find(r"constants: ([0-9.]+) GiB for the CUDA context")) == round(CUDA_CONTEXT_BYTES / GIB, 2)
+    assert float(find(r"and (\d+)% of the dynamic peak for allocator slack")) / 100 == ALLOCATOR_SLACK
+    assert find(r"(\d+\.\d+\.\d+\.\d+) unless `--host` says otherwise") == ServeConfig().host
