@@ -108,3 +108,18 @@ def test_inference_prompt_plus_answer_is_the_training_text(request, fixture):
     assert ids[: len(prompt)] == prompt  # the exact tokens `generate` feeds the model
     generated = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
     assert ids[len(prompt) : len(prompt) + len(generated)] == generated  # the answer follows directly
+
+
+@PROPS
+@given(batch=st.lists(conversations(), min_size=1, max_size=6), last_only=st.booleans())
+def test_batched_encoding_equals_one_call_per_text(smol_tokenizer, llama3_tokenizer, batch, last_only):
+    """Whole batches go straight to the Rust tokenizer; the result is what the HF tokenizer,
+    called once per text, gives."""
+    for tok in (smol_tokenizer, llama3_tokenizer):
+        batched = ChatFormat(tok)
+        assert batched.batched
+        one_by_one = ChatFormat(tok)
+        one_by_one.batched = False
+        assert batched.encode_conversations(batch, last_only) == [
+            one_by_one.encode_conversation(m, last_only) for m in batch
+        ]

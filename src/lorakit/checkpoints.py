@@ -18,17 +18,13 @@ from .errors import LorakitError
 CHECKPOINT_MARKER = "lorakit-checkpoint.json"
 
 
-def fingerprint(
-    cfg: TrainConfig, train_rows: list[dict], val_rows: list[dict], chat_template: str, base_identity: str
-) -> dict:
-    data = hashlib.sha256()
-    for ex in train_rows + [{"val": True}] + val_rows:
-        data.update(json.dumps([ex.get("input_ids"), ex.get("labels")]).encode())
+def fingerprint(cfg: TrainConfig, data_digest: str, chat_template: str, base_identity: str) -> dict:
+    """What a resume must find unchanged: the encoded rows, the template, the base, the settings."""
     resumable = field_names(TrainConfig, resumable=True)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in resumable}
     settings["effective_batch_size"] = cfg.batch_size * cfg.gradient_accumulation_steps
     return {
-        "data_sha256": data.hexdigest(),
+        "data_sha256": data_digest,
         "chat_template_sha256": hashlib.sha256((chat_template or "").encode()).hexdigest(),
         "base_model": base_identity,
         "settings": settings,

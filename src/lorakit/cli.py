@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from .config import (
     ChatConfig,
+    DataCacheConfig,
     DataCheckConfig,
     DataConvertConfig,
     DemoConfig,
@@ -134,6 +135,12 @@ COMMANDS = (
         "doctor:convert",
         "Write any accepted format as normalised messages-JSONL.",
         (("dataset", {"nargs": "?", "metavar": "DATASET", "help": "same as --dataset"}),),
+    ),
+    Command(
+        "data cache",
+        DataCacheConfig,
+        "datacache:data_cache",
+        "List the cached encoded datasets (reused by train, resume, sweep, plan, check), or --clear them.",
     ),
     Command(
         "demo",

@@ -499,6 +499,11 @@ class DataConvertConfig(DataArgs, PromptArgs):
 
 
 @dataclass
+class DataCacheConfig(Checked):
+    clear: bool = opt(False, "Remove every cached encoding (they are made again when needed).")
+
+
+@dataclass
 class SamplingArgs(Checked):
     temperature: float = opt(
         0.0,

@@ -15,7 +15,9 @@ full render instead can merge tokens across a segment boundary; such rows are co
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -413,6 +415,7 @@ class ChatFormat:
         self.special_texts = sorted(
             {tokenizer.convert_ids_to_tokens(i) for i in self.special_ids}, key=len, reverse=True
         )
+        self.batched = self._backend_matches()
         self.end_of_turn_id = self._probe_end_of_turn()
         probe = self._encode(self.render([{"role": "user", "content": "x"}], add_generation_prompt=True))
         self.template_writes_bos = bool(self.prefix_ids) and probe[: len(self.prefix_ids)] == self.prefix_ids
@@ -438,13 +441,55 @@ class ChatFormat:
         ids = [self.end_of_turn_id, self.tokenizer.eos_token_id]
         return list(dict.fromkeys(i for i in ids if i is not None))
 
+    def _backend_matches(self) -> bool:
+        """Whether the Rust tokenizer behind a fast HF tokenizer, called directly, gives the ids
+        and offsets the HF call gives (it does unless a tokenizer adds Python-side processing):
+        then whole batches go to it in one call, which splits them over the machine's cores."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return False
+        probes = ["a", " Hello  world\n\n", "\tx\r\n12345 é日本 🙂", *self.special_texts[:8]]
+        probes.append(
+            self.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+        )
+        for text in probes:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            fast = backend.encode(text, add_special_tokens=False)
+            if fast.ids != enc["input_ids"] or [tuple(o) for o in fast.offsets] != [
+                tuple(o) for o in enc["offset_mapping"]
+            ]:
+                return False
+        return True
+
+    def _tokenize(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, character offsets) of each text, without special tokens added."""
+        if getattr(self, "batched", False):
+            encodings = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+            return [(e.ids, e.offsets) for e in encodings]
+        out = []
+        for text in texts:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            out.append((enc["input_ids"], enc["offset_mapping"]))
+        return out
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens added (no offsets: cheaper)."""
+        if getattr(self, "batched", False):
+            return [
+                e.ids for e in self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+            ]
+        return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._ids([text])[0]
 
     def _supervised_span(self, delta: str, content: str) -> tuple[list[int], list[int]]:
         """Split an assistant turn's text into (supervised ids, unsupervised trailing ids)."""
-        enc = self.tokenizer(delta, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        return self._split_turn(*self._tokenize([delta])[0], delta, content)
+
+    def _split_turn(self, ids: list[int], offsets, delta: str, content: str) -> tuple[list[int], list[int]]:
+        """(supervised ids, trailing ids) of an assistant turn's tokens: supervised up to and
+        including the first special token after the content (its end of turn)."""
         content = content.strip()  # templates such as Llama 3's trim the content
         start = delta.find(content) if content else -1
         content_end = start + len(content) if start >= 0 else 0
@@ -478,19 +523,55 @@ class ChatFormat:
         """Raw text (continued pre-training): loss on every token, EOS appended."""
         ids = self._encode(text)
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        ids = self._with_prefix(ids + eos)
-        n_prefix = len(ids) - len(self._encode(text)) - len(eos)
-        return ids, [IGNORE_INDEX] * n_prefix + ids[n_prefix:]
+        full = self._with_prefix(ids + eos)
+        n_prefix = len(full) - len(ids) - len(eos)
+        return full, [IGNORE_INDEX] * n_prefix + full[n_prefix:]
 
     def encode_conversation(
         self, messages: list[dict], last_only: bool = False
     ) -> tuple[list[int], list[int], bool]:
         """(input_ids, labels, boundary_merge) for a conversation; loss on every assistant turn
         (or only the last one)."""
+        [result] = self.encode_conversations([messages], last_only)
+        if isinstance(result, LorakitError):
+            raise result
+        return result
+
+    def encode_conversations(
+        self, conversations: list[list[dict]], last_only: bool = False
+    ) -> list[tuple[list[int], list[int], bool] | LorakitError]:
+        """encode_conversation for many conversations, with their texts tokenized in one batch;
+        a conversation that cannot be encoded gets its LorakitError in its place."""
+        plans: list = []
+        plain: list[str] = []  # the text before each turn, and each whole render
+        deltas: list[str] = []  # each assistant turn's text (tokenized with offsets)
+        for messages in conversations:
+            try:
+                turns, done = self._turns(messages)
+            except LorakitError as e:
+                plans.append(e)
+                continue
+            plans.append((turns, done))
+            for before, delta, _, _ in turns:
+                plain.append(before)
+                deltas.append(delta)
+            plain.append(done)
+        plain_ids, delta_tokens = iter(self._ids(plain)), iter(self._tokenize(deltas))
+        results: list = []
+        for messages, plan in zip(conversations, plans):
+            if isinstance(plan, LorakitError):
+                results.append(plan)
+                continue
+            turns, _ = plan
+            pieces = [(next(plain_ids), next(delta_tokens)) for _ in turns]
+            results.append(self._assemble(messages, turns, pieces, next(plain_ids), last_only))
+        return results
+
+    def _turns(self, messages: list[dict]) -> tuple[list[tuple[str, str, str, int]], str]:
+        """The texts of a conversation's assistant turns, rendered prefix by prefix: for each,
+        (text before it, the turn's text, its content, its index); and the whole render."""
         self.check_content(messages)
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        ids: list[int] = []
-        labels: list[int] = []
+        turns = []
         done = ""  # text rendered so far
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
@@ -502,15 +583,23 @@ class ChatFormat:
                     "the chat template does not render conversations prefix by prefix "
                     "(a later turn changes earlier text), so the assistant tokens cannot be located"
                 )
-            before = self._encode(prompt[len(done) :])
-            sup, trailing = self._supervised_span(full[len(prompt) :], msg["content"])
+            turns.append((prompt[len(done) :], full[len(prompt) :], msg["content"], i))
+            done = full
+        return turns, done
+
+    def _assemble(self, messages, turns, pieces, full_ids: list[int], last_only: bool):
+        """Ids and labels from the tokenized turns: each segment tokenized alone, as inference
+        sees it (the prompt alone, then the answer token by token)."""
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        ids: list[int] = []
+        labels: list[int] = []
+        for (_, delta, content, i), (before, (delta_ids, offsets)) in zip(turns, pieces):
+            sup, trailing = self._split_turn(delta_ids, offsets, delta, content)
             if not any(t in self.special_ids for t in sup) and self.tokenizer.eos_token_id is not None:
                 sup = sup + [self.tokenizer.eos_token_id]  # a template with no end marker: teach EOS
             ids += before + sup + trailing
             targets = sup if (i == last or not last_only) else [IGNORE_INDEX] * len(sup)
             labels += [IGNORE_INDEX] * len(before) + targets + [IGNORE_INDEX] * len(trailing)
-            done = full
-        full_ids = self._encode(done)
         boundary_merge = full_ids != ids
         with_prefix = self._with_prefix(ids)
         labels = [IGNORE_INDEX] * (len(with_prefix) - len(ids)) + labels
@@ -558,6 +647,26 @@ class DataReport:
         return s
 
 
+ENCODE_CHUNK = 1024  # conversations tokenized per batched call
+
+
+def _encoded_in_chunks(samples: list[Sample], chat: ChatFormat, last_only: bool):
+    """(ids, labels, boundary_merge) or the LorakitError of each sample, in order, tokenized a
+    chunk at a time (bounded memory, one batched tokenizer call per chunk)."""
+    for start in range(0, len(samples), ENCODE_CHUNK):
+        chunk = samples[start : start + ENCODE_CHUNK]
+        conversations = [s.messages for s in chunk if s.text is None]
+        results = iter(chat.encode_conversations(conversations, last_only))
+        for s in chunk:
+            if s.text is not None:
+                try:
+                    yield (*chat.encode_text(s.text), False)
+                except LorakitError as e:
+                    yield e
+            else:
+                yield next(results)
+
+
 def encode_samples(
     samples: list[Sample],
     chat: ChatFormat,
@@ -570,15 +679,13 @@ def encode_samples(
     """Token ids and labels per sample, with the length policy applied and counted in `report`."""
     report = report if report is not None else DataReport(rows=len(samples))
     examples: list[dict[str, Any]] = []
-    for s in samples:
+    encoded = _encoded_in_chunks(samples, chat, train_on == "last_assistant")
+    for s, result in zip(samples, encoded):
         try:
-            if s.text is not None:
-                ids, labels = chat.encode_text(s.text)
-            else:
-                ids, labels, merged = chat.encode_conversation(
-                    s.messages, last_only=train_on == "last_assistant"
-                )
-                report.boundary_merges += merged
+            if isinstance(result, LorakitError):
+                raise result
+            ids, labels, merged = result
+            report.boundary_merges += merged
             if all(label == IGNORE_INDEX for label in labels):
                 raise LorakitError("no supervised token after rendering (the template dropped the answer)")
         except LorakitError as e:
@@ -587,28 +694,38 @@ def encode_samples(
                 raise LorakitError(msg) from None
             report.skipped.append(msg)
             continue
-        if len(ids) > max_seq_length:
-            if overlength == "error":
-                raise LorakitError(
-                    f"{s.where}: {len(ids)} tokens > max_seq_length {max_seq_length}; "
-                    "raise --max_seq_length or use --overlength drop|truncate"
-                )
-            if overlength == "drop":
-                report.dropped_overlength.append(s.where)
-                continue
-            report.lengths.append(len(ids))
-            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-            if all(label == IGNORE_INDEX for label in labels):
-                report.lengths.pop()
-                report.dropped_overlength.append(s.where)  # truncation would cut the whole answer
-                continue
-            report.truncated.append(s.where)
-        else:
-            report.lengths.append(len(ids))
-        examples.append({"input_ids": ids, "labels": labels, "source": s.where})
-        report.tokens += len(ids)
-        report.supervised_tokens += sum(label != IGNORE_INDEX for label in labels)
+        row = fit_length(
+            {"input_ids": ids, "labels": labels, "source": s.where}, max_seq_length, overlength, report
+        )
+        if row is not None:
+            examples.append(row)
     return examples
+
+
+def fit_length(row: dict[str, Any], max_seq_length: int, overlength: str, report: DataReport) -> dict | None:
+    """The length policy for one encoded row (None: dropped), counted in `report`."""
+    ids, labels, where = row["input_ids"], row["labels"], row["source"]
+    if len(ids) > max_seq_length:
+        if overlength == "error":
+            raise LorakitError(
+                f"{where}: {len(ids)} tokens > max_seq_length {max_seq_length}; "
+                "raise --max_seq_length or use --overlength drop|truncate"
+            )
+        if overlength == "drop":
+            report.dropped_overlength.append(where)
+            return None
+        report.lengths.append(len(ids))
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            report.lengths.pop()
+            report.dropped_overlength.append(where)  # truncation would cut the whole answer
+            return None
+        report.truncated.append(where)
+    else:
+        report.lengths.append(len(ids))
+    report.tokens += len(ids)
+    report.supervised_tokens += sum(label != IGNORE_INDEX for label in labels)
+    return {"input_ids": ids, "labels": labels, "source": where}
 
 
 class Samples(NamedTuple):
@@ -623,10 +740,11 @@ class Encoded(NamedTuple):
     """Token ids and labels of a dataset as training sees them (dicts with input_ids, labels,
     source), the report with the length policy applied, and the chat format used."""
 
-    train: list[dict[str, Any]]
-    val: list[dict[str, Any]]
+    train: Sequence[dict[str, Any]]
+    val: Sequence[dict[str, Any]]
     report: DataReport
     chat: ChatFormat
+    digest: str  # SHA-256 of every row's ids and labels (what a resume must find unchanged)
 
 
 def load_samples(cfg) -> Samples:
@@ -662,30 +780,56 @@ def encode_data(
     max_seq_length: int | None = None,
     train_on: str | None = None,
     allow_empty: bool = False,
+    cache: bool = True,
 ) -> Encoded:
     """The one encoding path of train, doctor, plan, evaluate and sweep: `samples` encoded with
     the config's length policy and train_on setting (each overridable), counted in a copy of the
-    samples' report."""
+    samples' report. With `cache`, an encoding of the same inputs is read from the data cache
+    (datacache.py) instead of being done again; `samples` must then be load_samples(cfg)."""
     import copy
 
-    report = copy.deepcopy(samples.report)
-    report.chatml_fallback = chat.fallback
-    kw = {
-        "max_seq_length": max_seq_length or cfg.max_seq_length,
-        "overlength": cfg.overlength,
-        "train_on": train_on or cfg.train_on,
-        "skip_bad_rows": cfg.skip_bad_rows,
-    }
-    train = encode_samples(samples.train, chat, report=report, **kw)
-    val_report = DataReport()
-    val = encode_samples(samples.val, chat, report=val_report, **kw)
-    report.skipped += val_report.skipped
-    report.kept, report.val_rows = len(train), len(val)
+    from . import datacache
+
+    max_seq_length, train_on = max_seq_length or cfg.max_seq_length, train_on or cfg.train_on
+    key = None
+    if cache:
+        data_files = resolve_sources(cfg.dataset or str(demo_path("train")))
+        val_files = resolve_sources(cfg.val_dataset) if cfg.val_dataset else []
+        key = datacache.cache_key(cfg, chat, max_seq_length, train_on, data_files, val_files)
+    hit = datacache.load(key) if key else None
+    if hit is not None:
+        train, val, fields, digest = hit
+        report = DataReport(**fields)
+    else:
+        report = copy.deepcopy(samples.report)
+        report.chatml_fallback = chat.fallback
+        kw = {"max_seq_length": max_seq_length, "overlength": cfg.overlength, "train_on": train_on}
+        train = encode_samples(samples.train, chat, report=report, skip_bad_rows=cfg.skip_bad_rows, **kw)
+        val_report = DataReport()
+        val = encode_samples(samples.val, chat, report=val_report, skip_bad_rows=cfg.skip_bad_rows, **kw)
+        report.skipped += val_report.skipped
+        report.kept, report.val_rows = len(train), len(val)
+        digest = rows_digest(train, val)
+        if key:
+            try:
+                datacache.store(key, train, val, report, digest, cfg.dataset or "demo")
+            except OSError as e:  # the cache is a shortcut, never a reason to stop
+                say(
+                    f"lorakit: note: the data cache could not be written ({e.strerror}); encoding again next time"
+                )
     if not train and not allow_empty:
         raise LorakitError(
             f"no trainable rows left of {report.rows}: {report.summary()} (raise --max_seq_length?)"
         )
-    return Encoded(train, val, report, chat)
+    return Encoded(train, val, report, chat, digest)
+
+
+def rows_digest(train: Sequence[dict], val: Sequence[dict]) -> str:
+    """SHA-256 of the encoded rows (ids and labels), training rows then validation rows."""
+    h = hashlib.sha256()
+    for ex in [*train, {"val": True}, *val]:
+        h.update(json.dumps([ex.get("input_ids"), ex.get("labels")]).encode())
+    return h.hexdigest()
 
 
 def encode_rows(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -14,6 +15,7 @@ from .data import (
     dedupe,
     demo_path,
     encode_data,
+    fit_length,
     load_rows,
     load_samples,
     to_samples,
@@ -48,12 +50,16 @@ def check(cfg: DataCheckConfig) -> dict:
     samples = load_samples(cfg)
     tokenizer = load_tokenizer(resolve_base_model(cfg.base_model), cfg.trust_remote_code)
     chat = ChatFormat(tokenizer)
-    # Lengths of every row before the length policy, then the policy itself.
+    # Every row encoded once at full length (the length report), then the policy on the training rows.
     full = encode_data(samples, chat, cfg, max_seq_length=1 << 30, allow_empty=True)
-    full_rows = full.train + full.val
+    full_rows = [*full.train, *full.val]
     lengths = [len(e["input_ids"]) for e in full_rows]
-    kept = encode_data(samples._replace(val=[]), chat, cfg, allow_empty=True)
-    report = kept.report
+    report = dataclasses.replace(
+        full.report, lengths=[], tokens=0, supervised_tokens=0, dropped_overlength=[], truncated=[]
+    )
+    report.kept = sum(
+        fit_length(e, cfg.max_seq_length, cfg.overlength, report) is not None for e in full.train
+    )
     supervised = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in full_rows)
     result = {
         "dataset": cfg.dataset or str(demo_path("train")),

@@ -191,7 +191,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     model, tokenizer, chat = load_for_inference(
         cfg.model or cfg.base_model, trained or "", cfg.trust_remote_code
     )
-    examples = encode_data(Samples(samples, [], loaded.report), chat, data_cfg, max_seq_length=1 << 30).train
+    # A subset of the file's rows (conversations, --max_rows): encoded as it is, not cached.
+    subset = Samples(samples, [], loaded.report)
+    examples = encode_data(subset, chat, data_cfg, max_seq_length=1 << 30, cache=False).train
     encoded = {e["source"] for e in examples}  # --skip_bad_rows may have skipped some: keep rows aligned
     samples = [s for s in samples if s.where in encoded]
     label = "tuned" if (cfg.adapter or cfg.model) else "base"

@@ -110,7 +110,7 @@ def prepare(cfg: TrainConfig) -> Run:
             "--early_stopping_patience needs validation data: add --val_size 0.1 or --val_dataset FILE"
         )
     _plan_check(cfg, data)
-    fp = fingerprint(cfg, data.train, data.val, tokenizer.chat_template, base_identity(base))
+    fp = fingerprint(cfg, data.digest, tokenizer.chat_template, base_identity(base))
     checkpoint = find_resume_checkpoint(cfg, out)
     if checkpoint is not None:
         check_resume(checkpoint, fp, cfg)
