@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -648,23 +650,68 @@ class DataReport:
 
 
 ENCODE_CHUNK = 1024  # conversations tokenized per batched call
+PARALLEL_MIN_ROWS = 4096  # below this, worker processes cost more than they save
+_WORKER_CHAT: ChatFormat | None = None  # the ChatFormat a forked worker inherits
+
+
+def _encode_chunk(job: tuple[list[Sample], bool]) -> list:
+    """(ids, labels, boundary_merge) or the LorakitError of each sample of a chunk."""
+    chunk, last_only = job
+    chat = _WORKER_CHAT
+    results = iter(chat.encode_conversations([s.messages for s in chunk if s.text is None], last_only))
+    out: list = []
+    for s in chunk:
+        if s.text is None:
+            out.append(next(results))
+            continue
+        try:
+            out.append((*chat.encode_text(s.text), False))
+        except LorakitError as e:
+            out.append(e)
+    return out
+
+
+def _quiet_worker() -> None:
+    # A forked worker tokenizes on its own core; the Rust tokenizer's threads stay off.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _can_fork() -> bool:
+    """Worker processes are forked only where that is safe and useful: on a platform with fork,
+    in a single-process run, before any CUDA context exists."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods() or not is_main_process_alone():
+        return False
+    torch = sys.modules.get("torch")
+    return not (torch is not None and torch.cuda.is_initialized())
+
+
+def is_main_process_alone() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
 
 
 def _encoded_in_chunks(samples: list[Sample], chat: ChatFormat, last_only: bool):
-    """(ids, labels, boundary_merge) or the LorakitError of each sample, in order, tokenized a
-    chunk at a time (bounded memory, one batched tokenizer call per chunk)."""
-    for start in range(0, len(samples), ENCODE_CHUNK):
-        chunk = samples[start : start + ENCODE_CHUNK]
-        conversations = [s.messages for s in chunk if s.text is None]
-        results = iter(chat.encode_conversations(conversations, last_only))
-        for s in chunk:
-            if s.text is not None:
-                try:
-                    yield (*chat.encode_text(s.text), False)
-                except LorakitError as e:
-                    yield e
-            else:
-                yield next(results)
+    """(ids, labels, boundary_merge) or the LorakitError of each sample, in order, a chunk at a
+    time (bounded memory, one batched tokenizer call per chunk). Large datasets are encoded by
+    one forked worker per core: rendering the chat template is Python, which one process runs
+    on one core only. The result is the same either way."""
+    global _WORKER_CHAT
+    jobs = [(samples[i : i + ENCODE_CHUNK], last_only) for i in range(0, len(samples), ENCODE_CHUNK)]
+    workers = min(os.cpu_count() or 1, len(jobs))
+    _WORKER_CHAT = chat
+    try:
+        if len(samples) < PARALLEL_MIN_ROWS or workers < 2 or not _can_fork():
+            for job in jobs:
+                yield from _encode_chunk(job)
+            return
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
+            for results in pool.imap(_encode_chunk, jobs):
+                yield from results
+    finally:
+        _WORKER_CHAT = None
 
 
 def encode_samples(
@@ -704,28 +751,35 @@ def encode_samples(
 
 def fit_length(row: dict[str, Any], max_seq_length: int, overlength: str, report: DataReport) -> dict | None:
     """The length policy for one encoded row (None: dropped), counted in `report`."""
-    ids, labels, where = row["input_ids"], row["labels"], row["source"]
-    if len(ids) > max_seq_length:
+    ids, labels = row["input_ids"], row["labels"]
+    within = labels[:max_seq_length] if len(labels) > max_seq_length else labels
+    supervised = len(within) - within.count(IGNORE_INDEX)
+    kept = length_policy(row["source"], len(ids), supervised, max_seq_length, overlength, report)
+    if kept is None:
+        return None
+    return {"input_ids": ids[:kept], "labels": labels[:kept], "source": row["source"]}
+
+
+def length_policy(
+    where: str, n_tokens: int, supervised: int, max_seq_length: int, overlength: str, report: DataReport
+) -> int | None:
+    """How many tokens of a row the length policy keeps (None: the row is dropped), counted in
+    `report`; `supervised` counts the supervised tokens among the first max_seq_length."""
+    if n_tokens > max_seq_length:
         if overlength == "error":
             raise LorakitError(
-                f"{where}: {len(ids)} tokens > max_seq_length {max_seq_length}; "
+                f"{where}: {n_tokens} tokens > max_seq_length {max_seq_length}; "
                 "raise --max_seq_length or use --overlength drop|truncate"
             )
-        if overlength == "drop":
+        if overlength == "drop" or supervised == 0:  # truncation would cut the whole answer
             report.dropped_overlength.append(where)
             return None
-        report.lengths.append(len(ids))
-        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            report.lengths.pop()
-            report.dropped_overlength.append(where)  # truncation would cut the whole answer
-            return None
         report.truncated.append(where)
-    else:
-        report.lengths.append(len(ids))
-    report.tokens += len(ids)
-    report.supervised_tokens += sum(label != IGNORE_INDEX for label in labels)
-    return {"input_ids": ids, "labels": labels, "source": where}
+    report.lengths.append(n_tokens)
+    kept = min(n_tokens, max_seq_length)
+    report.tokens += kept
+    report.supervised_tokens += supervised
+    return kept
 
 
 class Samples(NamedTuple):
@@ -773,7 +827,7 @@ def load_samples(cfg) -> Samples:
 
 
 def encode_data(
-    samples: Samples,
+    samples: Samples | Callable[[], Samples],
     chat: ChatFormat,
     cfg,
     *,
@@ -785,7 +839,8 @@ def encode_data(
     """The one encoding path of train, doctor, plan, evaluate and sweep: `samples` encoded with
     the config's length policy and train_on setting (each overridable), counted in a copy of the
     samples' report. With `cache`, an encoding of the same inputs is read from the data cache
-    (datacache.py) instead of being done again; `samples` must then be load_samples(cfg)."""
+    (datacache.py) instead of being done again; `samples` must then be load_samples(cfg), or a
+    function returning it, called only when the cache has no entry."""
     import copy
 
     from . import datacache
@@ -801,6 +856,7 @@ def encode_data(
         train, val, fields, digest = hit
         report = DataReport(**fields)
     else:
+        samples = samples() if callable(samples) else samples
         report = copy.deepcopy(samples.report)
         report.chatml_fallback = chat.fallback
         kw = {"max_seq_length": max_seq_length, "overlength": cfg.overlength, "train_on": train_on}
@@ -813,6 +869,8 @@ def encode_data(
         if key:
             try:
                 datacache.store(key, train, val, report, digest, cfg.dataset or "demo")
+                # Read back memory-mapped: the lists are freed, a run holds only its batch.
+                train, val = datacache.load(key)[:2]
             except OSError as e:  # the cache is a shortcut, never a reason to stop
                 say(
                     f"lorakit: note: the data cache could not be written ({e.strerror}); encoding again next time"
@@ -822,6 +880,18 @@ def encode_data(
             f"no trainable rows left of {report.rows}: {report.summary()} (raise --max_seq_length?)"
         )
     return Encoded(train, val, report, chat, digest)
+
+
+def row_lengths(rows: Sequence[dict]) -> list[int]:
+    """Token length of each encoded row (from the cache's offsets when it has them)."""
+    return rows.lengths() if hasattr(rows, "lengths") else [len(r["input_ids"]) for r in rows]
+
+
+def supervised_counts(rows: Sequence[dict], limit: int | None = None) -> list[int]:
+    """Supervised tokens of each encoded row, among its first `limit` tokens."""
+    if hasattr(rows, "supervised"):
+        return rows.supervised(limit)
+    return [len(r["labels"][:limit]) - r["labels"][:limit].count(IGNORE_INDEX) for r in rows]
 
 
 def rows_digest(train: Sequence[dict], val: Sequence[dict]) -> str:

@@ -15,9 +15,11 @@ from .data import (
     dedupe,
     demo_path,
     encode_data,
-    fit_length,
+    length_policy,
     load_rows,
     load_samples,
+    row_lengths,
+    supervised_counts,
     to_samples,
 )
 from .errors import LorakitError
@@ -47,26 +49,28 @@ def check(cfg: DataCheckConfig) -> dict:
     """Validate and tokenize the data exactly as `train` would, and report what it found."""
     from .models import load_tokenizer, resolve_base_model
 
-    samples = load_samples(cfg)
     tokenizer = load_tokenizer(resolve_base_model(cfg.base_model), cfg.trust_remote_code)
     chat = ChatFormat(tokenizer)
     # Every row encoded once at full length (the length report), then the policy on the training rows.
-    full = encode_data(samples, chat, cfg, max_seq_length=1 << 30, allow_empty=True)
-    full_rows = [*full.train, *full.val]
-    lengths = [len(e["input_ids"]) for e in full_rows]
+    full = encode_data(lambda: load_samples(cfg), chat, cfg, max_seq_length=1 << 30, allow_empty=True)
+    lengths = row_lengths(full.train) + row_lengths(full.val)
     report = dataclasses.replace(
         full.report, lengths=[], tokens=0, supervised_tokens=0, dropped_overlength=[], truncated=[]
     )
+    sources = [e["source"] for e in full.train] if not hasattr(full.train, "sources") else full.train.sources
+    within = supervised_counts(full.train, cfg.max_seq_length)
     report.kept = sum(
-        fit_length(e, cfg.max_seq_length, cfg.overlength, report) is not None for e in full.train
+        length_policy(where, n, sup, cfg.max_seq_length, cfg.overlength, report) is not None
+        for where, n, sup in zip(sources, row_lengths(full.train), within)
     )
-    supervised = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in full_rows)
+    supervised = sum(supervised_counts(full.train)) + sum(supervised_counts(full.val))
+    preview = list(full.train[: cfg.preview])
     result = {
         "dataset": cfg.dataset or str(demo_path("train")),
         "rows": report.rows,
         "formats": report.formats,
         "train_rows": report.kept,
-        "validation_rows": len(samples.val),
+        "validation_rows": report.val_rows,
         "duplicates_dropped": report.duplicates,
         "bad_rows_skipped": report.skipped,
         "over_max_seq_length": {
@@ -87,7 +91,7 @@ def check(cfg: DataCheckConfig) -> dict:
         "recommended": recommend(report.rows, lengths),
         "lengths": lengths,
     }
-    _print_check(result, full_rows[: cfg.preview], tokenizer)
+    _print_check(result, preview, tokenizer)
     if cfg.plot:
         _plot_lengths(lengths, cfg.max_seq_length, Path(cfg.plot))
     if cfg.output:
