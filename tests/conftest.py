@@ -71,6 +71,14 @@ def tiny_qwen2(tmp_path_factory, smol_tokenizer) -> Path:
     )
 
 
+def assemble_rows(n: int) -> list[dict]:
+    """n alpaca rows of the demo's task: `LDA #$NN` -> `A9 NN`."""
+    return [
+        {"instruction": f"Assemble {i}.", "input": f"LDA #${i:02X}", "output": f"A9 {i:02X}"}
+        for i in range(n)
+    ]
+
+
 def tiny_train_config(base, data, out, **kw):
     """A short training run of a tiny model: 12 steps of 4 rows, LoRA r=4, a checkpoint every 4."""
     from lorakit.config import TrainConfig

@@ -12,18 +12,14 @@ from lorakit.config import EvalConfig, GenerateConfig, PlanConfig, TrainConfig, 
 from lorakit.errors import LorakitError
 from lorakit.train import train
 
-from .conftest import tiny_train_config, write_jsonl
+from .conftest import assemble_rows, tiny_train_config, write_jsonl
 
 OLD_DEFAULT = "You are an expert SNES developer."
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rows = [
-        {"instruction": f"Assemble {i}.", "input": f"LDA #${i:02X}", "output": f"A9 {i:02X}"}
-        for i in range(24)
-    ]
-    return write_jsonl(tmp_path_factory.mktemp("d") / "d.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("d") / "d.jsonl", assemble_rows(24))
 
 
 def tiny_cfg(base, data, out, **kw):

@@ -15,16 +15,12 @@ from lorakit.checkpoints import CHECKPOINT_MARKER
 from lorakit.config import PlanConfig
 from lorakit.launch import accelerate_config
 
-from .conftest import write_jsonl
+from .conftest import assemble_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rows = [
-        {"instruction": f"Assemble {i}.", "input": f"LDA #${i:02X}", "output": f"A9 {i:02X}"}
-        for i in range(48)
-    ]
-    return write_jsonl(tmp_path_factory.mktemp("d") / "d.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("d") / "d.jsonl", assemble_rows(48))
 
 
 def args(base, data, out, batch, procs, steps=8, *extra):

@@ -14,11 +14,9 @@ from lorakit.export import _permute_rotary, ollama_template, vllm_command, write
 from lorakit.merge import merge
 from lorakit.train import train
 
-from .conftest import write_jsonl
+from .conftest import assemble_rows, write_jsonl
 
-ROWS = [
-    {"instruction": f"Assemble {i}.", "input": f"LDA #${i:02X}", "output": f"A9 {i:02X}"} for i in range(32)
-]
+ROWS = assemble_rows(32)
 
 
 def train_tiny(base, tmp, **kw):

@@ -9,16 +9,12 @@ from lorakit.errors import LorakitError
 from lorakit.monitor import read_metrics
 from lorakit.sweep import default_space, parse_params, sweep
 
-from .conftest import write_jsonl
+from .conftest import assemble_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rows = [
-        {"instruction": f"Assemble {i}.", "input": f"LDA #${i:02X}", "output": f"A9 {i:02X}"}
-        for i in range(40)
-    ]
-    return write_jsonl(tmp_path_factory.mktemp("d") / "d.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("d") / "d.jsonl", assemble_rows(40))
 
 
 def sweep_cfg(base, data, out, **kw):

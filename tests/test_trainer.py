@@ -15,17 +15,13 @@ from lorakit.checkpoints import CHECKPOINT_MARKER, complete_checkpoints
 from lorakit.errors import LorakitError
 from lorakit.train import train
 
+from .conftest import assemble_rows, write_jsonl
 from .conftest import tiny_train_config as base_cfg
-from .conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rows = [
-        {"instruction": f"Assemble {i}.", "input": f"LDA #${i:02X}", "output": f"A9 {i:02X}"}
-        for i in range(64)
-    ]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "d.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("data") / "d.jsonl", assemble_rows(64))
 
 
 def run_args(base, data, out, *extra):
