@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import LorakitError
-from .io import say
+from .io import say, world_size
 
 IGNORE_INDEX = -100
 
@@ -681,14 +681,10 @@ def _can_fork() -> bool:
     in a single-process run, before any CUDA context exists."""
     import multiprocessing
 
-    if "fork" not in multiprocessing.get_all_start_methods() or not is_main_process_alone():
+    if "fork" not in multiprocessing.get_all_start_methods() or world_size() > 1:
         return False
     torch = sys.modules.get("torch")
     return not (torch is not None and torch.cuda.is_initialized())
-
-
-def is_main_process_alone() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
 
 
 def _encoded_in_chunks(samples: list[Sample], chat: ChatFormat, last_only: bool):

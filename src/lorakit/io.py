@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 
+def world_size() -> int:
+    """Processes of this run: torchrun and accelerate launch set WORLD_SIZE; 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def is_main_process() -> bool:
-    """Rank 0 of a multi-process run (torchrun and accelerate launch set RANK and WORLD_SIZE), or
-    a single process: a RANK left by a cluster without WORLD_SIZE > 1 silences nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        return True
-    return int(os.environ.get("RANK", "0") or 0) == 0
+    """Rank 0 of a multi-process run (RANK), or a single process: a RANK left by a cluster
+    without WORLD_SIZE > 1 silences nothing."""
+    return world_size() <= 1 or int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def say(*args: Any, **kwargs: Any) -> None:
