@@ -80,7 +80,18 @@ def test_shared_layers_import_no_command_module():
         "doctor",
         "demo",
     }
-    low = ["config", "errors", "io", "data", "models", "adapter", "checkpoints", "pretokenizer", "loss"]
+    low = [
+        "config",
+        "errors",
+        "io",
+        "data",
+        "datacache",
+        "models",
+        "adapter",
+        "checkpoints",
+        "pretokenizer",
+        "loss",
+    ]
     graph = _imports()
     for module in low:
         assert not graph[module] & commands, f"{module} imports {graph[module] & commands}"
