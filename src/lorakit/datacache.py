@@ -117,9 +117,6 @@ class EncodedRows(Sequence):
         marked = np.concatenate([[0], np.cumsum(self.labels != -100)])
         return (marked[ends] - marked[starts]).tolist()
 
-    def __add__(self, other):
-        return list(self) + list(other)
-
 
 def _write_split(folder: Path, split: str, rows: Sequence[dict]) -> None:
     import numpy as np

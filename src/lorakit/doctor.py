@@ -53,7 +53,8 @@ def check(cfg: DataCheckConfig) -> dict:
     chat = ChatFormat(tokenizer)
     # Every row encoded once at full length (the length report), then the policy on the training rows.
     full = encode_data(lambda: load_samples(cfg), chat, cfg, max_seq_length=1 << 30, allow_empty=True)
-    lengths = row_lengths(full.train) + row_lengths(full.val)
+    train_lengths = row_lengths(full.train)
+    lengths = train_lengths + row_lengths(full.val)
     report = dataclasses.replace(
         full.report, lengths=[], tokens=0, supervised_tokens=0, dropped_overlength=[], truncated=[]
     )
@@ -61,7 +62,7 @@ def check(cfg: DataCheckConfig) -> dict:
     within = supervised_counts(full.train, cfg.max_seq_length)
     report.kept = sum(
         length_policy(where, n, sup, cfg.max_seq_length, cfg.overlength, report) is not None
-        for where, n, sup in zip(sources, row_lengths(full.train), within)
+        for where, n, sup in zip(sources, train_lengths, within)
     )
     supervised = sum(supervised_counts(full.train)) + sum(supervised_counts(full.val))
     preview = list(full.train[: cfg.preview])

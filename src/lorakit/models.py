@@ -275,11 +275,9 @@ def load_model(base: BaseModel, dtype=None, trust_remote_code: bool = False, qua
 # --------------------------------------------------------------------------------------------
 # Precision
 
-# The one map from a precision name (config values, manifest records) to a torch dtype.
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
-
 
 def torch_dtype(name: str):
+    """The one map from a precision name (config values, manifest records) to a torch dtype."""
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
