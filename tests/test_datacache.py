@@ -22,16 +22,16 @@ def cold_cache(tmp_path, monkeypatch, smol_dir):
 
 @pytest.fixture
 def encoder_calls(monkeypatch):
-    """How many times rows were encoded (one call per split of a dataset)."""
-    calls: list[int] = []
-    real = data_module.encode_samples
+    """How many times a dataset was encoded (its training and validation rows together)."""
+    calls: list[str] = []
+    for name in ("_encode_into_cache", "_encode_in_memory"):
+        real = getattr(data_module, name)
 
-    def counting(samples, *a, **kw):
-        if samples:
-            calls.append(len(samples))
-        return real(samples, *a, **kw)
+        def counting(*a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*a, **kw)
 
-    monkeypatch.setattr(data_module, "encode_samples", counting)
+        monkeypatch.setattr(data_module, name, counting)
     return calls
 
 
@@ -43,14 +43,14 @@ def rows(tmp_path):
 
 
 def encode(cfg, tokenizer):
-    return encode_data(load_samples(cfg), ChatFormat(tokenizer), cfg)
+    return encode_data(None, ChatFormat(tokenizer), cfg)
 
 
 def test_a_hit_returns_the_same_rows_report_and_digest(cold_cache, encoder_calls, rows, smol_tokenizer):
     cfg = DataCheckConfig(dataset=str(rows), val_size=4)
     first = encode(cfg, smol_tokenizer)
     second = encode(cfg, smol_tokenizer)
-    assert len(encoder_calls) == 2  # the first time: training and validation rows, once each
+    assert encoder_calls == ["_encode_into_cache"]  # the first time only
     assert list(second.train) == list(first.train) and list(second.val) == list(first.val)
     assert second.digest == first.digest and second.report == first.report
     assert len(list(cold_cache.iterdir())) == 1
@@ -105,12 +105,12 @@ def test_a_sweep_and_a_resume_encode_the_data_once(cold_cache, encoder_calls, tm
             param=["learning_rate=1e-4,2e-4,5e-4,1e-3"],
         )
     )
-    assert len(encoder_calls) == 2  # 4 trials: one encoding of the training and validation rows
+    assert len(encoder_calls) == 1  # 4 trials: one encoding of the training and validation rows
     out = tmp_path / "run"
     train(tiny_train_config(tiny_llama, rows, out, max_steps=4, save_steps=2, val_size=4))
     (out / "adapter_config.json").unlink()  # as if stopped before the end
     train(tiny_train_config(tiny_llama, rows, out, max_steps=4, save_steps=2, val_size=4, resume=True))
-    assert len(encoder_calls) == 2  # the run and its resume read the same cached encoding
+    assert len(encoder_calls) == 1  # the run and its resume read the same cached encoding
 
 
 def test_data_cache_command_lists_and_clears(cold_cache, rows, smol_tokenizer, capsys):
@@ -121,3 +121,61 @@ def test_data_cache_command_lists_and_clears(cold_cache, rows, smol_tokenizer, c
     assert str(rows) in capsys.readouterr().out
     assert main(["data", "cache", "--clear"]) == 0
     assert "removed 1 cached encodings" in capsys.readouterr().out and not list(cold_cache.iterdir())
+
+
+def _messy_rows(tmp_path):
+    """Rows with everything the pipeline sorts out: duplicates, bad rows, long rows."""
+    rows = [{"instruction": f"Assemble {i}.", "output": f"A9 {i:02X}"} for i in range(40)]
+    rows[7] = dict(rows[3])  # an exact duplicate
+    rows[11] = {"instruction": "no answer", "output": " "}  # a bad row
+    rows[19] = {"instruction": "word " * 120, "output": "long"}  # over max_seq_length 64
+    rows[23] = {"instruction": "Assemble 23.", "output": "A9 17 " * 40}  # long answer: truncated
+    path = write_jsonl(tmp_path / "messy.jsonl", rows)
+    with open(path, "a") as f:
+        f.write("not json\n")
+    return path
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"val_size": 0.2, "overlength": "truncate"},
+        {"val_size": 0, "overlength": "drop", "train_on": "last_assistant"},
+        {"val_dataset": "VAL", "overlength": "truncate"},
+    ],
+)
+def test_the_streamed_encoding_equals_the_in_memory_one(
+    cold_cache, monkeypatch, tmp_path, smol_tokenizer, settings, parallel
+):
+    """The streaming path (chunks, worker processes, split by place) gives exactly the rows,
+    report and digest of encoding load_samples() in memory."""
+    data = _messy_rows(tmp_path)
+    if settings.get("val_dataset"):
+        val = [{"instruction": f"Assemble {i}.", "output": f"A9 {i:02X}"} for i in (2, 5, 50, 51)]
+        settings = {**settings, "val_dataset": str(write_jsonl(tmp_path / "val.jsonl", val))}
+    cfg = DataCheckConfig(dataset=str(data), max_seq_length=64, skip_bad_rows=True, seed=3, **settings)
+    monkeypatch.setattr(data_module, "ENCODE_CHUNK", 8)  # several chunks, and rows cut across them
+    monkeypatch.setattr(data_module, "PARALLEL_MIN_BYTES", 0 if parallel else 1 << 40)
+    chat = ChatFormat(smol_tokenizer)
+    streamed = encode_data(None, chat, cfg)
+    in_memory = encode_data(load_samples(cfg), chat, cfg, cache=False)
+    assert type(streamed.train).__name__ == "EncodedRows" and isinstance(in_memory.train, list)
+    assert list(streamed.train) == in_memory.train and list(streamed.val) == in_memory.val
+    assert streamed.report == in_memory.report and streamed.digest == in_memory.digest
+    report = streamed.report
+    assert report.duplicates and report.skipped and (report.truncated or report.dropped_overlength)
+    if settings.get("val_dataset"):
+        assert report.val_leaks_removed == 2 and report.val_rows == 2
+
+
+def test_a_bad_row_stops_the_stream_with_its_line(cold_cache, tmp_path, smol_tokenizer):
+    from lorakit.errors import LorakitError
+
+    data = _messy_rows(tmp_path)
+    with pytest.raises(LorakitError, match=r"messy.jsonl:41: invalid JSON"):
+        encode(DataCheckConfig(dataset=str(data)), smol_tokenizer)
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(LorakitError, match=r"messy.jsonl:12: key 'output' is empty.*--skip_bad_rows"):
+        encode(DataCheckConfig(dataset=str(data), max_seq_length=64), smol_tokenizer)
+    assert not list(cold_cache.glob("*"))  # nothing half-written left behind

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -75,44 +75,60 @@ def resolve_sources(spec: str) -> list[Path] | str:
     return spec
 
 
-def read_jsonl(path: str | Path, keep_errors: bool = False) -> list[tuple[str, Any]]:
-    """Rows of a JSONL (or JSON array) file as ("file:line", object); problems name file:line.
+def iter_jsonl(path: str | Path, keep_errors: bool = False, progress=None) -> Iterator[tuple[str, Any]]:
+    """Rows of a JSONL (or JSON array) file as ("file:line", object), read a line at a time
+    (bounded memory at any file size); problems name file:line.
 
     With keep_errors, a line that is not a JSON object becomes ("file:line", LorakitError) so
-    that --skip_bad_rows can list it; otherwise it raises.
+    that --skip_bad_rows can list it; otherwise it raises. `progress` (io.Progress) is told the
+    bytes read.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise LorakitError(f"dataset file not found: {path} (check --dataset)")
-    data = path.read_bytes()
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+        if path.suffix == ".json" and head.startswith(b"["):
+            yield from _read_json_array(path, _utf8(path, path.read_bytes(), 0))
+            return
+        f.seek(0)
+        any_row = False
+        for n, raw in enumerate(f, start=1):
+            if progress is not None:
+                progress.advance(len(raw))
+            line = _utf8(path, raw, n)
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                obj = LorakitError(
+                    f"{where}: invalid JSON at column {e.colno} ({e.msg}); one JSON object per line"
+                )
+            if not isinstance(obj, (dict, LorakitError)):
+                obj = LorakitError(f"{where}: a row must be a JSON object, got {type(obj).__name__}")
+            if isinstance(obj, LorakitError) and not keep_errors:
+                raise obj
+            any_row = True
+            yield where, obj
+    if not any_row:
+        raise LorakitError(f"{path}: no rows (expected one JSON object per line)")
+
+
+def _utf8(path: Path, raw: bytes, line: int) -> str:
     try:
-        text = data.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
+        line = line or raw[: e.start].count(b"\n") + 1
         raise LorakitError(
             f"{path}:{line}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8"
         ) from None
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        return _read_json_array(path, text)
-    rows: list[tuple[str, Any]] = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        where = f"{path}:{n}"
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            obj = LorakitError(
-                f"{where}: invalid JSON at column {e.colno} ({e.msg}); one JSON object per line"
-            )
-        if not isinstance(obj, (dict, LorakitError)):
-            obj = LorakitError(f"{where}: a row must be a JSON object, got {type(obj).__name__}")
-        if isinstance(obj, LorakitError) and not keep_errors:
-            raise obj
-        rows.append((where, obj))
-    if not rows:
-        raise LorakitError(f"{path}: no rows (expected one JSON object per line)")
-    return rows
+
+
+def read_jsonl(path: str | Path, keep_errors: bool = False) -> list[tuple[str, Any]]:
+    """iter_jsonl as a list."""
+    return list(iter_jsonl(path, keep_errors))
 
 
 def _read_json_array(path: Path, text: str) -> list[tuple[str, dict]]:
@@ -146,11 +162,18 @@ def _read_hf(spec: str) -> list[tuple[str, dict]]:
     return [(f"{name}[{split or 'train'}]:{k}", dict(row)) for k, row in enumerate(ds)]
 
 
-def load_rows(spec: str, keep_errors: bool = False) -> list[tuple[str, Any]]:
+def iter_rows(spec: str, keep_errors: bool = False, progress=None) -> Iterator[tuple[str, Any]]:
+    """The rows a --dataset value names, one at a time."""
     sources = resolve_sources(spec)
     if isinstance(sources, str):
-        return _read_hf(sources)
-    return [row for f in sources for row in read_jsonl(f, keep_errors)]
+        yield from _read_hf(sources)
+        return
+    for f in sources:
+        yield from iter_jsonl(f, keep_errors, progress)
+
+
+def load_rows(spec: str, keep_errors: bool = False) -> list[tuple[str, Any]]:
+    return list(iter_rows(spec, keep_errors))
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,9 +221,13 @@ class Sample:
     text: str | None = None
 
     def key(self) -> str:
-        return json.dumps(
-            self.messages if self.messages is not None else self.text, sort_keys=True, ensure_ascii=False
-        )
+        """The content, unambiguously (each field length-prefixed), without the row's place."""
+        if self.messages is None:
+            return f"text\x1f{self.text}"
+        return "\x1e".join(f"{m['role']}\x1f{len(m['content'])}\x1f{m['content']}" for m in self.messages)
+
+    def digest(self) -> bytes:
+        return hashlib.blake2b(self.key().encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _text(row: dict, key: str, where: str, *, required: bool = True, nonempty: bool = False) -> str:
@@ -317,20 +344,25 @@ def _file_of(where: str) -> str:
     return where.rsplit(":", 1)[0] if ":" in where else where.split("[")[0]
 
 
-def to_samples(
-    rows: list[tuple[str, dict]], dataset_format: str, system_prompt: str, skip_bad_rows: bool = False
-) -> tuple[list[Sample], list[str]]:
-    """Validate and convert rows; returns (samples, skipped-row messages).
+def iter_samples(
+    rows: Iterable[tuple[str, Any]],
+    dataset_format: str,
+    system_prompt: str,
+    skip_bad_rows: bool,
+    report: DataReport,
+) -> Iterator[Sample]:
+    """Validate and convert rows one at a time, counting them and the bad ones in `report`.
 
     One format per file: with `auto`, the first row's keys fix it and a row of another format is
-    an error naming its line. Without skip_bad_rows, any bad row fails the whole dataset.
+    an error naming its line. Without skip_bad_rows, the first bad row stops the samples; the
+    rest are still read, to say how many are bad, then the whole dataset fails.
     """
-    samples: list[Sample] = []
-    bad: list[str] = []
     file_format: dict[str, tuple[str, str]] = {}
+    yielded = 0
     for where, row in rows:
-        if isinstance(row, LorakitError):  # a line that is not a JSON object (kept by read_jsonl)
-            bad.append(str(row))
+        report.rows += 1
+        if isinstance(row, LorakitError):  # a line that is not a JSON object (kept by iter_jsonl)
+            report.skipped.append(str(row))
             continue
         fmt = dataset_format if dataset_format != "auto" else detect_format(row)
         if fmt is not None:
@@ -346,45 +378,87 @@ def to_samples(
                     f"{where}: cannot tell the row's format from its keys ({', '.join(sorted(row)) or 'none'}); "
                     f"use one of: {'; '.join(FORMAT_KEYS.values())}"
                 )
-            samples.append(to_sample(row, fmt, where, system_prompt))
+            sample = to_sample(row, fmt, where, system_prompt)
         except LorakitError as e:
-            bad.append(str(e))
+            report.skipped.append(str(e))
+            continue
+        if skip_bad_rows or not report.skipped:
+            yielded += 1
+            yield sample
+    bad = report.skipped
     if bad and not skip_bad_rows:
         more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
         raise LorakitError(f"{bad[0]}{more}; fix it, or pass --skip_bad_rows to skip bad rows")
-    if not samples:
-        raise LorakitError(f"no valid rows: all {len(rows)} rows are bad (first: {bad[0]})")
-    return samples, bad
+    if not yielded:
+        raise LorakitError(
+            f"no valid rows: all {report.rows} rows are bad (first: {bad[0] if bad else 'none'})"
+        )
+
+
+def to_samples(
+    rows: list[tuple[str, dict]], dataset_format: str, system_prompt: str, skip_bad_rows: bool = False
+) -> tuple[list[Sample], list[str]]:
+    """iter_samples as a list; returns (samples, skipped-row messages)."""
+    report = DataReport()
+    samples = list(iter_samples(rows, dataset_format, system_prompt, skip_bad_rows, report))
+    return samples, report.skipped
+
+
+class Seen:
+    """Which samples were seen, by a 16-byte hash of their content: ~100 bytes a row in memory,
+    so exact duplicates are found in a million rows without holding the rows."""
+
+    def __init__(self):
+        self.hashes: set[bytes] = set()
+
+    def add(self, sample: Sample) -> bool:
+        """Record the sample; False if it was seen before."""
+        h = sample.digest()
+        if h in self.hashes:
+            return False
+        self.hashes.add(h)
+        return True
+
+    def __contains__(self, sample: Sample) -> bool:
+        return sample.digest() in self.hashes
+
+
+def iter_unique(samples: Iterable[Sample], seen: Seen, report: DataReport) -> Iterator[Sample]:
+    """The samples not seen before (the first of each duplicate is kept); the dropped rows are
+    listed in report.duplicates and the kept ones counted by format."""
+    for s in samples:
+        if seen.add(s):
+            report.formats[s.format] = report.formats.get(s.format, 0) + 1
+            yield s
+        else:
+            report.duplicates.append(s.where)
 
 
 def dedupe(samples: list[Sample]) -> tuple[list[Sample], list[str]]:
     """Drop exact duplicates (same messages or text), keeping the first; returns the dropped rows."""
-    seen: set[str] = set()
-    kept, dropped = [], []
-    for s in samples:
-        k = s.key()
-        if k in seen:
-            dropped.append(s.where)
-        else:
-            seen.add(k)
-            kept.append(s)
-    return kept, dropped
+    report = DataReport()
+    kept = list(iter_unique(samples, Seen(), report))
+    return kept, report.duplicates
 
 
-def split_validation(samples: list[Sample], val_size: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Deterministic split under the seed; duplicates were removed first, so none cross it."""
+def validation_indices(n: int, val_size: float, seed: int) -> set[int]:
+    """Which of n de-duplicated rows are held out for validation: deterministic under the seed;
+    duplicates were removed first, so none cross the split."""
     import random
 
     if val_size <= 0:
-        return samples, []
-    n = int(val_size) if val_size >= 1 else max(1, round(len(samples) * val_size))
-    if n >= len(samples):
-        raise LorakitError(
-            f"--val_size {val_size:g} leaves no training rows ({len(samples)} rows after de-duplication)"
-        )
-    order = list(range(len(samples)))
+        return set()
+    k = int(val_size) if val_size >= 1 else max(1, round(n * val_size))
+    if k >= n:
+        raise LorakitError(f"--val_size {val_size:g} leaves no training rows ({n} rows after de-duplication)")
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    val_idx = set(order[:n])
+    return set(order[:k])
+
+
+def split_validation(samples: list[Sample], val_size: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(training, validation) samples, in their order (validation_indices)."""
+    val_idx = validation_indices(len(samples), val_size, seed)
     return [s for i, s in enumerate(samples) if i not in val_idx], [
         s for i, s in enumerate(samples) if i in val_idx
     ]
@@ -650,7 +724,6 @@ class DataReport:
 
 
 ENCODE_CHUNK = 1024  # conversations tokenized per batched call
-PARALLEL_MIN_ROWS = 4096  # below this, worker processes cost more than they save
 _WORKER_CHAT: ChatFormat | None = None  # the ChatFormat a forked worker inherits
 
 
@@ -689,23 +762,13 @@ def _can_fork() -> bool:
 
 def _encoded_in_chunks(samples: list[Sample], chat: ChatFormat, last_only: bool):
     """(ids, labels, boundary_merge) or the LorakitError of each sample, in order, a chunk at a
-    time (bounded memory, one batched tokenizer call per chunk). Large datasets are encoded by
-    one forked worker per core: rendering the chat template is Python, which one process runs
-    on one core only. The result is the same either way."""
+    time (one batched tokenizer call per chunk), in this process: the in-memory path, for small
+    data (large data streams through the cache's worker processes)."""
     global _WORKER_CHAT
-    jobs = [(samples[i : i + ENCODE_CHUNK], last_only) for i in range(0, len(samples), ENCODE_CHUNK)]
-    workers = min(os.cpu_count() or 1, len(jobs))
     _WORKER_CHAT = chat
     try:
-        if len(samples) < PARALLEL_MIN_ROWS or workers < 2 or not _can_fork():
-            for job in jobs:
-                yield from _encode_chunk(job)
-            return
-        import multiprocessing
-
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
-            for results in pool.imap(_encode_chunk, jobs):
-                yield from results
+        for i in range(0, len(samples), ENCODE_CHUNK):
+            yield from _encode_chunk((samples[i : i + ENCODE_CHUNK], last_only))
     finally:
         _WORKER_CHAT = None
 
@@ -798,32 +861,47 @@ class Encoded(NamedTuple):
 
 
 def load_samples(cfg) -> Samples:
-    """Read, validate, de-duplicate and split the data of a config with DataArgs and PromptArgs."""
-    from collections import Counter
-
-    system = cfg.system_prompt or ""
-    rows = load_rows(cfg.dataset or str(demo_path("train")), cfg.skip_bad_rows)
-    report = DataReport(rows=len(rows))
-    samples, report.skipped = to_samples(rows, cfg.dataset_format, system, cfg.skip_bad_rows)
-    samples, report.duplicates = dedupe(samples)
-    report.formats = dict(Counter(s.format for s in samples))
+    """Read, validate, de-duplicate and split the data of a config with DataArgs and PromptArgs
+    (in memory: for the encoded dataset of a run, see encode_data)."""
+    report = DataReport()
+    seen = Seen()
+    samples = list(iter_unique(_config_samples(cfg, cfg.dataset, report), seen, report))
     if cfg.val_dataset:
-        val, skipped = to_samples(
-            load_rows(cfg.val_dataset, cfg.skip_bad_rows), cfg.dataset_format, system, cfg.skip_bad_rows
-        )
-        report.skipped += skipped
-        val, _ = dedupe(val)
-        train_keys = {s.key() for s in samples}
-        report.val_leaks_removed = sum(s.key() in train_keys for s in val)
-        # A validation row seen in training measures nothing.
-        val = [s for s in val if s.key() not in train_keys]
+        val = list(_val_samples(cfg, seen, report))
     else:
         samples, val = split_validation(samples, cfg.val_size, cfg.seed)
     return Samples(samples, val, report)
 
 
+def count_samples(cfg) -> int:
+    """How many training rows load_samples(cfg) would give, read as a stream (bounded memory)."""
+    report = DataReport()
+    seen = Seen()
+    n = sum(1 for _ in iter_unique(_config_samples(cfg, cfg.dataset, report), seen, report))
+    if cfg.val_dataset:
+        return n
+    return n - len(validation_indices(n, cfg.val_size, cfg.seed))
+
+
+def _config_samples(cfg, dataset: str, report: DataReport, progress=None) -> Iterator[Sample]:
+    rows = iter_rows(dataset or str(demo_path("train")), cfg.skip_bad_rows, progress)
+    return iter_samples(rows, cfg.dataset_format, cfg.system_prompt or "", cfg.skip_bad_rows, report)
+
+
+def _val_samples(cfg, train_seen: Seen, report: DataReport, progress=None) -> Iterator[Sample]:
+    """The --val_dataset samples, de-duplicated, without those also in the training data (a
+    validation row seen in training measures nothing), counted in report.val_leaks_removed."""
+    val_report = DataReport()
+    for s in iter_unique(_config_samples(cfg, cfg.val_dataset, val_report, progress), Seen(), val_report):
+        if s in train_seen:
+            report.val_leaks_removed += 1
+        else:
+            yield s
+    report.skipped += val_report.skipped
+
+
 def encode_data(
-    samples: Samples | Callable[[], Samples],
+    samples: Samples | Callable[[], Samples] | None,
     chat: ChatFormat,
     cfg,
     *,
@@ -832,50 +910,267 @@ def encode_data(
     allow_empty: bool = False,
     cache: bool = True,
 ) -> Encoded:
-    """The one encoding path of train, doctor, plan, evaluate and sweep: `samples` encoded with
-    the config's length policy and train_on setting (each overridable), counted in a copy of the
-    samples' report. With `cache`, an encoding of the same inputs is read from the data cache
-    (datacache.py) instead of being done again; `samples` must then be load_samples(cfg), or a
-    function returning it, called only when the cache has no entry."""
-    import copy
+    """The one encoding path of train, doctor, plan, evaluate and sweep: the config's data
+    encoded with its length policy and train_on setting (each overridable).
 
+    With `cache`, the encoding is read from the data cache (datacache.py), or streamed into it
+    once: rows are read, validated, de-duplicated and encoded a chunk at a time, so memory stays
+    bounded at any dataset size. Without it (or when the cache cannot be written), `samples`
+    (load_samples(cfg), or a function returning it; by default read from cfg) are encoded in
+    memory. Both give the same rows, report and digest."""
     from . import datacache
 
     max_seq_length, train_on = max_seq_length or cfg.max_seq_length, train_on or cfg.train_on
-    key = None
+    hit = None
     if cache:
         data_files = resolve_sources(cfg.dataset or str(demo_path("train")))
         val_files = resolve_sources(cfg.val_dataset) if cfg.val_dataset else []
         key = datacache.cache_key(cfg, chat, max_seq_length, train_on, data_files, val_files)
-    hit = datacache.load(key) if key else None
+        hit = datacache.load(key)
+        if hit is None:
+            try:
+                hit = _encode_into_cache(cfg, chat, key, max_seq_length, train_on, [*data_files, *val_files])
+            except OSError as e:  # the cache is a shortcut, never a reason to stop
+                say(f"lorakit: note: the data cache could not be written ({e.strerror}); encoding in memory")
     if hit is not None:
         train, val, fields, digest = hit
         report = DataReport(**fields)
     else:
-        samples = samples() if callable(samples) else samples
-        report = copy.deepcopy(samples.report)
-        report.chatml_fallback = chat.fallback
-        kw = {"max_seq_length": max_seq_length, "overlength": cfg.overlength, "train_on": train_on}
-        train = encode_samples(samples.train, chat, report=report, skip_bad_rows=cfg.skip_bad_rows, **kw)
-        val_report = DataReport()
-        val = encode_samples(samples.val, chat, report=val_report, skip_bad_rows=cfg.skip_bad_rows, **kw)
-        report.skipped += val_report.skipped
-        report.kept, report.val_rows = len(train), len(val)
+        samples = samples() if callable(samples) else samples or load_samples(cfg)
+        train, val, report = _encode_in_memory(samples, chat, cfg, max_seq_length, train_on)
         digest = rows_digest(train, val)
-        if key:
-            try:
-                datacache.store(key, train, val, report, digest, cfg.dataset or "demo")
-                # Read back memory-mapped: the lists are freed, a run holds only its batch.
-                train, val = datacache.load(key)[:2]
-            except OSError as e:  # the cache is a shortcut, never a reason to stop
-                say(
-                    f"lorakit: note: the data cache could not be written ({e.strerror}); encoding again next time"
-                )
     if not train and not allow_empty:
         raise LorakitError(
             f"no trainable rows left of {report.rows}: {report.summary()} (raise --max_seq_length?)"
         )
     return Encoded(train, val, report, chat, digest)
+
+
+def _encode_in_memory(samples: Samples, chat: ChatFormat, cfg, max_seq_length: int, train_on: str):
+    import copy
+
+    report = copy.deepcopy(samples.report)
+    report.chatml_fallback = chat.fallback
+    kw = {"max_seq_length": max_seq_length, "overlength": cfg.overlength, "train_on": train_on}
+    train = encode_samples(samples.train, chat, report=report, skip_bad_rows=cfg.skip_bad_rows, **kw)
+    val_report = DataReport()
+    val = encode_samples(samples.val, chat, report=val_report, skip_bad_rows=cfg.skip_bad_rows, **kw)
+    report.skipped += val_report.skipped
+    report.kept, report.val_rows = len(train), len(val)
+    return train, val, report
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming a dataset into the data cache
+
+PARALLEL_MIN_BYTES = 4 << 20  # data files below ~4 MB (~4000 rows): worker processes cost more than they save
+
+
+@dataclass
+class _EncodedChunk:
+    """What a worker reports of a chunk of samples it encoded (its rows are on disk as `name`):
+    for each encoded row, its place in the de-duplicated order, token count, supervised tokens
+    within max_seq_length and whether tokens merge across turns; the rows that failed."""
+
+    name: str
+    index: Any  # np.ndarray[int64]
+    n_tokens: Any  # np.ndarray[int64]
+    supervised: Any  # np.ndarray[int64]
+    merged: Any  # np.ndarray[bool]
+    over: dict[int, str]  # row (in this chunk) -> file:line, for rows over max_seq_length
+    errors: list[tuple[int, str]]  # (place, message)
+
+
+def _encode_job(job: tuple) -> tuple[list, list]:
+    """Encode a chunk of samples and write its rows into the entry folder (in a worker
+    process, or inline for small data); returns per-row facts, small enough to send back."""
+    from . import datacache
+
+    name, start, chunk, last_only, max_seq_length, folder = job
+    rows, facts, errors = [], [], []
+    for k, (s, result) in enumerate(zip(chunk, _encode_chunk((chunk, last_only)))):
+        if not isinstance(result, LorakitError) and all(t == IGNORE_INDEX for t in result[1]):
+            result = LorakitError("no supervised token after rendering (the template dropped the answer)")
+        if isinstance(result, LorakitError):
+            errors.append(
+                (start + k, str(result) if str(result).startswith(s.where) else f"{s.where}: {result}")
+            )
+            continue
+        ids, labels, merged = result
+        within = labels[:max_seq_length]
+        over = s.where if len(ids) > max_seq_length else ""
+        facts.append((start + k, len(ids), len(within) - within.count(IGNORE_INDEX), merged, over))
+        rows.append({"input_ids": ids, "labels": labels, "source": s.where})
+    datacache.write_rows(folder, name, rows)
+    return facts, errors
+
+
+def _chunk_of(name: str, facts: list, errors: list) -> _EncodedChunk:
+    import numpy as np
+
+    cols = list(zip(*facts)) or [(), (), (), (), ()]
+    over = {j: where for j, where in enumerate(cols[4]) if where}
+    return _EncodedChunk(
+        name,
+        np.asarray(cols[0], dtype=np.int64),
+        np.asarray(cols[1], dtype=np.int64),
+        np.asarray(cols[2], dtype=np.int64),
+        np.asarray(cols[3], dtype=bool),
+        over,
+        errors,
+    )
+
+
+class _Encoder:
+    """Runs chunk jobs in order: inline, or on one forked worker per core with a bounded number
+    in flight (the rows are read and validated here while the workers tokenize, and at most a
+    few chunks are ever held in memory)."""
+
+    def __init__(self, chat: ChatFormat, parallel: bool):
+        global _WORKER_CHAT
+        _WORKER_CHAT = chat
+        self.workers = min(os.cpu_count() or 1, 8) if parallel and _can_fork() else 1
+        self.pool = None
+        if self.workers > 1:
+            import multiprocessing
+
+            self.pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_quiet_worker)
+
+    def run(self, jobs: Iterable[tuple]) -> Iterator[tuple[str, list, list]]:
+        from collections import deque
+
+        if self.pool is None:
+            for job in jobs:
+                yield (job[0], *_encode_job(job))
+            return
+        window: deque = deque()
+        for job in jobs:
+            window.append((job[0], self.pool.apply_async(_encode_job, (job,))))
+            if len(window) >= 2 * self.workers:
+                name, result = window.popleft()
+                yield (name, *result.get())
+        while window:
+            name, result = window.popleft()
+            yield (name, *result.get())
+
+    def close(self) -> None:
+        global _WORKER_CHAT
+        _WORKER_CHAT = None
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _encode_stream(
+    samples: Iterable[Sample],
+    encoder: _Encoder,
+    prefix: str,
+    folder: Path,
+    cfg,
+    last_only: bool,
+    max_seq_length: int,
+    progress,
+) -> tuple[list[_EncodedChunk], int]:
+    """Encode a stream of samples into chunk files named prefix + number; (chunks, samples)."""
+    import itertools
+
+    def jobs():
+        it = iter(samples)
+        for n in itertools.count():
+            chunk = list(itertools.islice(it, ENCODE_CHUNK))
+            if not chunk:
+                return
+            yield (f"{prefix}{n:06d}", n * ENCODE_CHUNK, chunk, last_only, max_seq_length, folder)
+
+    chunks, count = [], 0
+    for name, facts, errors in encoder.run(jobs()):
+        if errors and not cfg.skip_bad_rows:
+            raise LorakitError(errors[0][1])
+        if cfg.overlength == "error" and any(f[4] for f in facts):
+            where, n = next((f[4], f[1]) for f in facts if f[4])
+            raise LorakitError(
+                f"{where}: {n} tokens > max_seq_length {max_seq_length}; "
+                "raise --max_seq_length or use --overlength drop|truncate"
+            )
+        chunks.append(_chunk_of(name, facts, errors))
+        count += len(facts) + len(errors)
+        progress.add_rows(len(facts) + len(errors))
+    return chunks, count
+
+
+def _policy_parts(
+    chunks: list[_EncodedChunk], selected, cfg, max_seq_length: int, report: DataReport
+) -> list:
+    """The length policy over the selected rows of the chunks, counted in `report` as
+    length_policy would; (chunk name, tokens kept per row) for datacache.gather."""
+    import numpy as np
+
+    parts = []
+    for c in chunks:
+        sel = selected[c.index] if len(c.index) else np.zeros(0, dtype=bool)
+        over = c.n_tokens > max_seq_length
+        drop = over & ((cfg.overlength == "drop") | (c.supervised == 0))
+        kept = sel & ~drop
+        report.dropped_overlength += [c.over[int(j)] for j in np.flatnonzero(sel & drop)]
+        report.truncated += [c.over[int(j)] for j in np.flatnonzero(kept & over)]
+        report.lengths += c.n_tokens[kept].tolist()
+        report.tokens += int(np.minimum(c.n_tokens[kept], max_seq_length).sum())
+        report.supervised_tokens += int(c.supervised[kept].sum())
+        report.boundary_merges += int(c.merged[sel].sum())
+        report.skipped += [msg for place, msg in c.errors if selected[place]]
+        parts.append((c.name, np.where(kept, np.minimum(c.n_tokens, max_seq_length), 0)))
+    return parts
+
+
+def _encode_into_cache(cfg, chat: ChatFormat, key: str, max_seq_length: int, train_on: str, files) -> tuple:
+    """Stream the config's data into a new data cache entry; returns datacache.load(key)."""
+    import numpy as np
+
+    from . import datacache
+    from .io import Progress, staging_dir
+
+    report = DataReport(chatml_fallback=chat.fallback)
+    seen = Seen()
+    size = sum(f.stat().st_size for f in files if isinstance(f, Path))
+    progress = Progress(size, f"encoding {cfg.dataset or 'demo'}")
+    encoder = _Encoder(chat, parallel=size >= PARALLEL_MIN_BYTES)
+    last_only = train_on == "last_assistant"
+    try:
+        with staging_dir(datacache.entry_dir(key)) as folder:
+            args = (folder, cfg, last_only, max_seq_length, progress)
+            train_samples = iter_unique(_config_samples(cfg, cfg.dataset, report, progress), seen, report)
+            chunks, n = _encode_stream(train_samples, encoder, "t", *args)
+            val_report = DataReport()
+            if cfg.val_dataset:
+                val_chunks, n_val = _encode_stream(
+                    _val_samples(cfg, seen, report, progress), encoder, "v", *args
+                )
+                train_parts = _policy_parts(chunks, np.ones(n, dtype=bool), cfg, max_seq_length, report)
+                val_parts = _policy_parts(
+                    val_chunks, np.ones(n_val, dtype=bool), cfg, max_seq_length, val_report
+                )
+                chunks += val_chunks
+            else:
+                is_val = np.zeros(n, dtype=bool)
+                is_val[list(validation_indices(n, cfg.val_size, cfg.seed))] = True
+                train_parts = _policy_parts(chunks, ~is_val, cfg, max_seq_length, report)
+                val_parts = _policy_parts(chunks, is_val, cfg, max_seq_length, val_report)
+            report.skipped += val_report.skipped
+            digests = (
+                datacache.gather(folder, "train", train_parts),
+                datacache.gather(folder, "val", val_parts),
+            )
+            datacache.drop_chunks(folder, [c.name for c in chunks])
+            report.kept, report.val_rows = (
+                sum(int((keep > 0).sum()) for _, keep in p) for p in (train_parts, val_parts)
+            )
+            datacache.finish(
+                folder, key, report, digests, cfg.dataset or "demo", (report.kept, report.val_rows)
+            )
+    finally:
+        encoder.close()
+        progress.close()
+    return datacache.load(key)
 
 
 def row_lengths(rows: Sequence[dict]) -> list[int]:
@@ -891,11 +1186,10 @@ def supervised_counts(rows: Sequence[dict], limit: int | None = None) -> list[in
 
 
 def rows_digest(train: Sequence[dict], val: Sequence[dict]) -> str:
-    """SHA-256 of the encoded rows (ids and labels), training rows then validation rows."""
-    h = hashlib.sha256()
-    for ex in [*train, {"val": True}, *val]:
-        h.update(json.dumps([ex.get("input_ids"), ex.get("labels")]).encode())
-    return h.hexdigest()
+    """SHA-256 of the encoded rows (ids, labels and row boundaries), training rows then validation rows."""
+    from . import datacache
+
+    return datacache.digest([train, val])
 
 
 def encode_rows(

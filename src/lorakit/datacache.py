@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_json, staging_dir
+from .io import atomic_write_json
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -82,12 +82,17 @@ class EncodedRows(Sequence):
 
         # Plain ndarray views of the maps: slicing a np.memmap object costs ~5x more per row.
         self.ids = np.asarray(np.load(folder / f"{split}_ids.npy", mmap_mode="r"))
-        self.labels = np.asarray(np.load(folder / f"{split}_labels.npy", mmap_mode="r"))
+        self.labels_path = folder / f"{split}_labels.npy"
+        self.labels = np.asarray(np.load(self.labels_path, mmap_mode="r"))
         self.offsets = np.load(folder / f"{split}_offsets.npy")
-        self.sources = json.loads((folder / f"{split}_sources.json").read_text(encoding="utf-8"))
+        # "file:line" of each row as one UTF-8 blob and its offsets: a million rows' sources as
+        # Python strings would be ~100 MB held for the whole run.
+        self._sources = np.asarray(np.load(folder / f"{split}_sources.npy", mmap_mode="r"))
+        self._source_offsets = np.load(folder / f"{split}_source_offsets.npy")
+        self.digest = ""  # set by load() from the entry's meta.json
 
     def __len__(self) -> int:
-        return len(self.sources)
+        return len(self.offsets) - 1
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -100,8 +105,15 @@ class EncodedRows(Sequence):
         return {
             "input_ids": self.ids[a:b].tolist(),
             "labels": self.labels[a:b].tolist(),
-            "source": self.sources[index],
+            "source": self.source(index),
         }
+
+    def source(self, index: int) -> str:
+        a, b = int(self._source_offsets[index]), int(self._source_offsets[index + 1])
+        return self._sources[a:b].tobytes().decode("utf-8")
+
+    def sources(self) -> list[str]:
+        return [self.source(i) for i in range(len(self))]
 
     def lengths(self) -> list[int]:
         import numpy as np
@@ -109,56 +121,188 @@ class EncodedRows(Sequence):
         return np.diff(self.offsets).tolist()
 
     def supervised(self, limit: int | None = None) -> list[int]:
-        """Supervised tokens of each row (among its first `limit` tokens), without reading rows."""
+        """Supervised tokens of each row (among its first `limit` tokens), without reading rows:
+        the labels are read a block of rows at a time with plain file reads (not through the
+        map, whose touched pages would count as this process's memory)."""
         import numpy as np
 
-        starts = self.offsets[:-1]
-        ends = self.offsets[1:] if limit is None else np.minimum(self.offsets[1:], starts + limit)
-        marked = np.concatenate([[0], np.cumsum(self.labels != -100)])
-        return (marked[ends] - marked[starts]).tolist()
+        counts = []
+        for first in range(0, len(self), SUPERVISED_BLOCK_ROWS):
+            last = min(first + SUPERVISED_BLOCK_ROWS, len(self))
+            base = int(self.offsets[first])
+            labels = _read_range(self.labels_path, base, int(self.offsets[last]) - base)
+            starts = self.offsets[first:last] - base
+            ends = self.offsets[first + 1 : last + 1] - base
+            if limit is not None:
+                ends = np.minimum(ends, starts + limit)
+            marked = np.concatenate([[0], np.cumsum(labels != -100)])
+            counts += (marked[ends] - marked[starts]).tolist()
+        return counts
 
 
-def _write_split(folder: Path, split: str, rows: Sequence[dict]) -> None:
+SUPERVISED_BLOCK_ROWS = 8192
+
+
+def _read_range(path: Path, start: int, count: int):
+    """Elements [start, start + count) of a 1-D .npy file, read from disk (no memory map)."""
     import numpy as np
 
-    lengths = [len(r["input_ids"]) for r in rows]
+    with open(path, "rb") as f:
+        fmt = np.lib.format
+        version = fmt.read_magic(f)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        _, _, dtype = read_header(f)
+        f.seek(f.tell() + start * dtype.itemsize)
+        return np.fromfile(f, dtype=dtype, count=count)
+
+
+class _Digest:
+    """SHA-256 of a split's row boundaries, ids and labels, each fed in pieces."""
+
+    def __init__(self):
+        self.parts = [hashlib.sha256() for _ in range(3)]
+
+    def update(self, offsets=None, ids=None, labels=None) -> None:
+        for h, array in zip(self.parts, (offsets, ids, labels)):
+            if array is not None:
+                h.update(memoryview(array).cast("B"))
+
+    def hexdigest(self) -> str:
+        return "".join(h.hexdigest() for h in self.parts)
+
+
+def rows_arrays(rows: Sequence[dict]):
+    """(offsets int64, ids int32, labels int32) of encoded rows held as Python lists."""
+    import numpy as np
+
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    np.cumsum([len(r["input_ids"]) for r in rows], out=offsets[1:])
     empty = np.zeros(0, dtype=np.int32)
     ids = np.concatenate([np.asarray(r["input_ids"], dtype=np.int32) for r in rows] or [empty])
     labels = np.concatenate([np.asarray(r["labels"], dtype=np.int32) for r in rows] or [empty])
-    np.save(folder / f"{split}_ids.npy", ids)
-    np.save(folder / f"{split}_labels.npy", labels)
+    return offsets, ids, labels
+
+
+def split_digest(rows: Sequence[dict]) -> str:
+    """The digest of one split: stored in the entry for cached rows, computed for rows in lists."""
+    if hasattr(rows, "digest"):
+        return rows.digest
+    d = _Digest()
+    d.update(*rows_arrays(rows))
+    return d.hexdigest()
+
+
+def digest(splits: Sequence[Sequence[dict]]) -> str:
+    """SHA-256 over the splits' digests: the same value whether rows are cached or in lists."""
+    return hashlib.sha256("|".join(split_digest(rows) for rows in splits).encode()).hexdigest()
+
+
+def _save_sources(folder: Path, name: str, sources: list[str]) -> None:
+    import numpy as np
+
+    blobs = [s.encode("utf-8") for s in sources]
+    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in blobs], out=offsets[1:])
+    np.save(folder / f"{name}_sources.npy", np.frombuffer(b"".join(blobs), dtype=np.uint8))
+    np.save(folder / f"{name}_source_offsets.npy", offsets)
+
+
+def write_rows(folder: Path, name: str, rows: Sequence[dict]) -> None:
+    """Encoded rows (lists) as arrays named `name` in `folder`: a split, or a chunk of one."""
+    import numpy as np
+
+    offsets, ids, labels = rows_arrays(rows)
+    np.save(folder / f"{name}_ids.npy", ids)
+    np.save(folder / f"{name}_labels.npy", labels)
+    np.save(folder / f"{name}_offsets.npy", offsets)
+    _save_sources(folder, name, [r["source"] for r in rows])
+
+
+def _npy_writer(path: Path, count: int):
+    """An open .npy file of `count` int32 values, header written; the values are appended."""
+    import numpy as np
+
+    f = open(path, "wb")
+    np.lib.format.write_array_header_1_0(
+        f, {"descr": np.dtype(np.int32).str, "fortran_order": False, "shape": (count,)}
+    )
+    return f
+
+
+def gather(folder: Path, split: str, parts: list[tuple[str, Any]]) -> str:
+    """Write split `split` from chunks written by write_rows: `parts` = (chunk name, tokens of
+    each of its rows to keep: 0 leaves a row out, fewer than its length truncates it), in
+    order. A chunk at a time, with plain file writes (no map: memory stays at one chunk).
+    Returns the split's digest."""
+    import numpy as np
+
+    total = sum(int(keep.sum()) for _, keep in parts)
+    d = _Digest()
+    lengths, sources = [], []
+    with (
+        _npy_writer(folder / f"{split}_ids.npy", total) as ids_out,
+        _npy_writer(folder / f"{split}_labels.npy", total) as labels_out,
+    ):
+        for name, keep in parts:
+            rows = np.flatnonzero(keep)
+            if not len(rows):
+                continue
+            offsets = np.load(folder / f"{name}_offsets.npy")
+            ids, labels = np.load(folder / f"{name}_ids.npy"), np.load(folder / f"{name}_labels.npy")
+            row_lengths = np.diff(offsets)
+            within = np.arange(len(ids)) - np.repeat(offsets[:-1], row_lengths)
+            mask = within < np.repeat(keep, row_lengths)
+            kept_ids, kept_labels = np.ascontiguousarray(ids[mask]), np.ascontiguousarray(labels[mask])
+            ids_out.write(kept_ids.tobytes())
+            labels_out.write(kept_labels.tobytes())
+            d.update(ids=kept_ids, labels=kept_labels)
+            lengths.append(keep[rows])
+            blob = np.load(folder / f"{name}_sources.npy").tobytes()
+            starts = np.load(folder / f"{name}_source_offsets.npy")
+            sources += [blob[starts[i] : starts[i + 1]].decode("utf-8") for i in rows]
+    offsets = np.zeros(len(sources) + 1, dtype=np.int64)
+    if sources:
+        np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    d.update(offsets=offsets)
     np.save(folder / f"{split}_offsets.npy", offsets)
-    (folder / f"{split}_sources.json").write_text(json.dumps([r["source"] for r in rows]), encoding="utf-8")
+    _save_sources(folder, split, sources)
+    return d.hexdigest()
 
 
-def store(
-    key: str, train: Sequence[dict], val: Sequence[dict], report: Any, digest: str, dataset: str
-) -> Path:
-    """Write an entry (atomically); returns its folder."""
-    final = cache_dir() / key[:32]
-    if (final / "meta.json").is_file():
-        return final
-    with staging_dir(final) as tmp:
-        _write_split(tmp, "train", train)
-        _write_split(tmp, "val", val)
-        atomic_write_json(tmp / "report.json", dataclasses.asdict(report))
-        meta = {"key": key, "dataset": dataset, "train_rows": len(train), "val_rows": len(val)}
-        meta |= {"digest": digest, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        atomic_write_json(tmp / "meta.json", meta)  # written last: an entry without it is not one
-    return final
+def drop_chunks(folder: Path, names: list[str]) -> None:
+    for name in names:
+        for f in folder.glob(f"{name}_*.npy"):
+            f.unlink()
+
+
+def finish(
+    folder: Path, key: str, report: Any, digests: tuple[str, str], dataset: str, counts: tuple[int, int]
+) -> str:
+    """Write an entry's report and meta.json (last: an entry without it is not one); returns
+    the digest of the whole encoding."""
+    atomic_write_json(folder / "report.json", dataclasses.asdict(report))
+    whole = hashlib.sha256("|".join(digests).encode()).hexdigest()
+    meta = {"key": key, "dataset": dataset, "train_rows": counts[0], "val_rows": counts[1]}
+    meta |= {"digest": whole, "split_digests": list(digests), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(folder / "meta.json", meta)
+    return whole
+
+
+def entry_dir(key: str) -> Path:
+    return cache_dir() / key[:32]
 
 
 def load(key: str) -> tuple[EncodedRows, EncodedRows, dict, str] | None:
     """(train rows, validation rows, report fields, digest) of a cached encoding, or None."""
-    folder = cache_dir() / key[:32]
+    folder = entry_dir(key)
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         if meta.get("key") != key:
             return None
         report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
-        return EncodedRows(folder, "train"), EncodedRows(folder, "val"), report, meta["digest"]
+        train, val = EncodedRows(folder, "train"), EncodedRows(folder, "val")
+        train.digest, val.digest = meta["split_digests"]
+        return train, val, report, meta["digest"]
     except (OSError, ValueError, KeyError):  # absent, or damaged: encoded again and rewritten
         return None
 

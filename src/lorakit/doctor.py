@@ -17,7 +17,6 @@ from .data import (
     encode_data,
     length_policy,
     load_rows,
-    load_samples,
     row_lengths,
     supervised_counts,
     to_samples,
@@ -26,10 +25,10 @@ from .errors import LorakitError
 from .io import atomic_write_json, atomic_write_text, say
 
 
-def percentile(values: list[int], q: float) -> int:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+def percentile(values: list[int], q: float, ordered: bool = False) -> int:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list (`ordered`: already sorted)."""
+    ordered_values = values if ordered else sorted(values)
+    return ordered_values[max(0, math.ceil(q / 100 * len(ordered_values)) - 1)]
 
 
 def recommend(n_rows: int, lengths: list[int]) -> dict:
@@ -52,20 +51,22 @@ def check(cfg: DataCheckConfig) -> dict:
     tokenizer = load_tokenizer(resolve_base_model(cfg.base_model), cfg.trust_remote_code)
     chat = ChatFormat(tokenizer)
     # Every row encoded once at full length (the length report), then the policy on the training rows.
-    full = encode_data(lambda: load_samples(cfg), chat, cfg, max_seq_length=1 << 30, allow_empty=True)
+    full = encode_data(None, chat, cfg, max_seq_length=1 << 30, allow_empty=True)
     train_lengths = row_lengths(full.train)
     lengths = train_lengths + row_lengths(full.val)
     report = dataclasses.replace(
         full.report, lengths=[], tokens=0, supervised_tokens=0, dropped_overlength=[], truncated=[]
     )
-    sources = [e["source"] for e in full.train] if not hasattr(full.train, "sources") else full.train.sources
     within = supervised_counts(full.train, cfg.max_seq_length)
-    report.kept = sum(
-        length_policy(where, n, sup, cfg.max_seq_length, cfg.overlength, report) is not None
-        for where, n, sup in zip(sources, train_lengths, within)
-    )
+    over = [i for i, n in enumerate(train_lengths) if n > cfg.max_seq_length]  # only these can go
+    report.kept = len(train_lengths) - len(over)
+    for i in over:
+        where = full.train.source(i) if hasattr(full.train, "source") else full.train[i]["source"]
+        policy = length_policy(where, train_lengths[i], within[i], cfg.max_seq_length, cfg.overlength, report)
+        report.kept += policy is not None
     supervised = sum(supervised_counts(full.train)) + sum(supervised_counts(full.val))
     preview = list(full.train[: cfg.preview])
+    ordered = sorted(lengths)
     result = {
         "dataset": cfg.dataset or str(demo_path("train")),
         "rows": report.rows,
@@ -82,7 +83,7 @@ def check(cfg: DataCheckConfig) -> dict:
         },
         "tokens": sum(lengths),
         "supervised_fraction": supervised / max(sum(lengths), 1),
-        "length_percentiles": {f"p{q}": percentile(lengths, q) for q in (50, 90, 95, 99)}
+        "length_percentiles": {f"p{q}": percentile(ordered, q, ordered=True) for q in (50, 90, 95, 99)}
         | {"max": max(lengths)},
         "boundary_merges": report.boundary_merges,
         "chat_template": "ChatML fallback (the tokenizer has none)"

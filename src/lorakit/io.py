@@ -97,3 +97,47 @@ def staged_files(target: str | Path, last: tuple[str, ...] = ()) -> Iterator[Pat
             os.replace(src, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Progress:
+    """One progress line for long data passes: rows, rows/s and an ETA from the bytes read.
+    Drawn only after the first 2 s (short passes print nothing), at most once a second on a
+    terminal (rewritten in place) and every 15 s otherwise (a log file gets a few lines)."""
+
+    def __init__(self, total_bytes: int, what: str = "encoding"):
+        import sys
+        import time
+
+        self.total, self.what, self.clock = max(total_bytes, 1), what, time.monotonic
+        self.stream = sys.stderr
+        self.tty = self.stream.isatty()
+        self.started = self.last = self.clock()
+        self.bytes = self.rows = 0
+        self.drawn = False
+
+    def advance(self, nbytes: int) -> None:
+        self.bytes += nbytes
+
+    def add_rows(self, n: int) -> None:
+        self.rows += n
+        now = self.clock()
+        if now - self.started >= 2 and now - self.last >= (1 if self.tty else 15):
+            self.last = now
+            self._draw(now)
+
+    def _draw(self, now: float, end: str = "") -> None:
+        if not is_main_process():
+            return
+        elapsed = now - self.started
+        done = min(self.bytes / self.total, 1.0)
+        eta = elapsed * (1 - done) / done if done > 0 else 0.0
+        line = f"lorakit: {self.what}: {self.rows:,} rows, {self.rows / max(elapsed, 1e-9):,.0f} rows/s, {done:.0%}"
+        line += f", ETA {eta:.0f} s" if done < 1 else f", {elapsed:.0f} s"
+        self.stream.write(("\r" + line + end) if self.tty else line + "\n")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            self.bytes = self.total
+            self._draw(self.clock(), "\n" if self.tty else "")

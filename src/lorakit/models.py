@@ -229,14 +229,34 @@ def cached_models() -> list[dict]:
     return rows
 
 
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _tokenizer_class(source: str):
+    """AutoTokenizer, or the generic fast tokenizer class when a local folder's
+    tokenizer_config.json names it: AutoTokenizer then loads the model's config only to reach
+    the same class, and importing the config classes pulls in torch (~2 s of every `data check`
+    and `plan`)."""
+    folder = Path(str(source))
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    if config.get("tokenizer_class") in GENERIC_TOKENIZERS and (folder / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
+    from transformers import AutoTokenizer  # importing it alone pulls in the config classes
+
+    return AutoTokenizer
+
+
 def load_tokenizer(base: BaseModel, trust_remote_code: bool = False, adapter: str = ""):
     """The base's tokenizer, or the one saved beside an adapter: that one carries the exact chat
     template used in training."""
-    from transformers import AutoTokenizer
-
     source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base.path
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tok = _tokenizer_class(source).from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise LorakitError(
             f"--base_model {base.name}: cannot load its tokenizer ({str(e).splitlines()[0]})"

@@ -523,12 +523,11 @@ def sequence_lengths(cfg: TrainConfig) -> Lengths:
     max_seq_length."""
     if cfg.dataset:
         try:
-            from .data import ChatFormat, encode_data, load_samples
+            from .data import ChatFormat, encode_data, row_lengths
             from .models import load_tokenizer, resolve_base_model
 
-            samples = load_samples(cfg)
             tokenizer = load_tokenizer(resolve_base_model(cfg.base_model), cfg.trust_remote_code)
-            lengths = [len(e["input_ids"]) for e in encode_data(samples, ChatFormat(tokenizer), cfg).train]
+            lengths = row_lengths(encode_data(None, ChatFormat(tokenizer), cfg).train)
             source = f"longest row of {cfg.dataset}"
             return Lengths(max(lengths), sum(lengths) / len(lengths), len(lengths), source, tuple(lengths))
         except LorakitError as e:

@@ -86,9 +86,9 @@ class Sweep:
             say("lorakit: sweep: no validation data given; holding out 10% (--val_size 0.1)")
             base = dataclasses.replace(base, val_size=0.1)
         self.base = base
-        from .data import load_samples
+        from .data import count_samples
 
-        self.n_rows = len(load_samples(self.base).train)
+        self.n_rows = count_samples(self.base)
         self.space = parse_params(cfg.param) if cfg.param else default_space(self.n_rows, cfg.budget_steps)
         self.results: dict[str, Trial] = {}
         self.memory = self._memory_budget()

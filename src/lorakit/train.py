@@ -31,7 +31,7 @@ from .checkpoints import (
     guard_output_dir,
 )
 from .config import TrainConfig, write_yaml
-from .data import ChatFormat, Collator, DataReport, Encoded, encode_data, load_samples
+from .data import ChatFormat, Collator, DataReport, Encoded, encode_data
 from .errors import LorakitError
 from .io import atomic_write_json, is_main_process, say, staged_files
 from .models import (
@@ -97,11 +97,10 @@ def prepare(cfg: TrainConfig) -> Run:
     started = time.time()
     out = Path(cfg.output_dir).expanduser()
     guard_output_dir(cfg, out)
-    samples = load_samples(cfg)  # check the data (fast, no tokenizer) before imports and the model
     precision = resolve_precision(cfg)
     base = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-    data = encode_data(samples, ChatFormat(tokenizer), cfg)
+    data = encode_data(None, ChatFormat(tokenizer), cfg)  # the data is checked before the model loads
     say(f"lorakit: data {cfg.dataset or 'demo'}: {data.report.summary()}")
     for message in data.report.skipped:
         say(f"  skipped {message}")
