@@ -298,3 +298,14 @@ FAMILIES = [
     "tiny_gemma3",
     "tiny_phi3",
 ]
+
+
+def llama_cpp_tree() -> Path:
+    """llama.cpp's source tree (converters, gguf-py, models/templates): $LORAKIT_LLAMA_CPP, which
+    .ci/run sets from the llama-cpp-python source package; the test is skipped without it."""
+    import os
+
+    where = os.environ.get("LORAKIT_LLAMA_CPP", "")
+    if not where or not (Path(where) / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("LORAKIT_LLAMA_CPP does not name a llama.cpp source tree")
+    return Path(where)
