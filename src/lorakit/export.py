@@ -2,9 +2,10 @@
 the chat template the model was trained with.
 
 GGUF files are written with the `gguf` package (llama.cpp's own Python library): its tensor-name
-map and quantizers are used as they are. What it does not do is decide the metadata of a
-Hugging Face model; that part (the q/k permutation Llama's GGUF layout needs, the BPE
-vocabulary and its pre-tokenizer name, the token types) is written here.
+map and quantizers are used as they are. What each architecture needs beyond that (metadata keys,
+q/k layout, norm offsets, RoPE factor tensors) is one record per family in families.py; the
+vocabulary (byte-level BPE or SentencePiece) and the Ollama TEMPLATE are written here. For other
+architectures, llama.cpp's own converters run when the user has a llama.cpp tree.
 """
 
 from __future__ import annotations
