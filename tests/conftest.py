@@ -144,3 +144,168 @@ def llama3_tokenizer(smol_tokenizer):
     tok.chat_template = LLAMA3_STYLE_TEMPLATE
     assert tok("a")["input_ids"][0] == bos
     return tok
+
+
+# ---------------------------------------------------------------- one tiny model per family
+#
+# Random weights, 2 layers: enough for GGUF parity with llama.cpp's converter, merge maths and a
+# few training steps. Gemma-2 and Phi-3 use a SentencePiece vocabulary (their real tokenizers do,
+# and llama.cpp's converter reads tokenizer.model for them); the others the SmolLM2 BPE one.
+
+GEMMA_STYLE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+PHI_STYLE_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+SPM_SYMBOLS = ["<start_of_turn>", "<end_of_turn>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory) -> Path:
+    """A 400-piece SentencePiece BPE model with byte fallback, trained on the demo task's text."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece", reason="pip install sentencepiece (the dev extra has it)")
+    rows = assemble_rows(256)
+    text = [f"{r['instruction']} {r['input']} -> {r['output']}. The quick brown fox." for r in rows]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text),
+        model_writer=model,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        user_defined_symbols=SPM_SYMBOLS,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        add_dummy_prefix=False,
+        minloglevel=2,
+    )
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def _spm_tokenizer(spm_model: Path, tmp: Path, tokenizer_class: str, template: str, **special):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copy(spm_model, tmp / "tokenizer.model")
+    (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": tokenizer_class, **special}))
+    tok = AutoTokenizer.from_pretrained(tmp)
+    tok.chat_template = template
+    return tok
+
+
+def _save_family(path: Path, config, tokenizer, spm_model: Path | None = None) -> Path:
+    _save_tiny(path, config, tokenizer)
+    if spm_model is not None:  # transformers 5 saves tokenizer.json only; llama.cpp reads this one
+        (path / "tokenizer.model").write_bytes(spm_model.read_bytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama31(tmp_path_factory, smol_tokenizer) -> Path:
+    """Llama 3.1-style RoPE scaling (rope_type llama3): llama.cpp needs the rope_freqs tensor."""
+    from transformers import LlamaConfig
+
+    shape = _tiny_shape(smol_tokenizer) | dict(hidden_size=64, num_attention_heads=4)  # head_dim 16
+    rope = dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
+    cfg = LlamaConfig(**shape, rope_parameters=rope, bos_token_id=smol_tokenizer.bos_token_id)
+    return _save_family(tmp_path_factory.mktemp("tiny-llama31"), cfg, smol_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory, smol_tokenizer) -> Path:
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(**_tiny_shape(smol_tokenizer), head_dim=8, sliding_window=None)
+    return _save_family(tmp_path_factory.mktemp("tiny-mistral"), cfg, smol_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory, smol_tokenizer) -> Path:
+    from transformers import Qwen3Config
+
+    cfg = Qwen3Config(**_tiny_shape(smol_tokenizer), head_dim=16, tie_word_embeddings=True)
+    return _save_family(tmp_path_factory.mktemp("tiny-qwen3"), cfg, smol_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2(tmp_path_factory, spm_model) -> Path:
+    from transformers import Gemma2Config
+
+    path = tmp_path_factory.mktemp("tiny-gemma2")
+    tok = _spm_tokenizer(spm_model, path, "GemmaTokenizer", GEMMA_STYLE_TEMPLATE)
+    shape = _tiny_shape(tok) | dict(bos_token_id=tok.bos_token_id)
+    cfg = Gemma2Config(**shape, head_dim=16, query_pre_attn_scalar=16, sliding_window=64)
+    return _save_family(path, cfg, tok, spm_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory, smol_tokenizer) -> Path:
+    """Gemma 3 text-only (Gemma3ForCausalLM): 5 sliding-window layers to 1 global, two RoPE bases."""
+    from transformers import Gemma3TextConfig
+
+    shape = _tiny_shape(smol_tokenizer) | dict(num_hidden_layers=6)
+    cfg = Gemma3TextConfig(**shape, head_dim=16, query_pre_attn_scalar=16, sliding_window=64)
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    return _save_family(tmp_path_factory.mktemp("tiny-gemma3"), cfg, smol_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory, spm_model) -> Path:
+    """Phi-3.5-style: fused qkv and gate_up projections, LongRoPE factors."""
+    from transformers import Phi3Config
+
+    path = tmp_path_factory.mktemp("tiny-phi3")
+    tok = _spm_tokenizer(spm_model, path, "LlamaTokenizer", PHI_STYLE_TEMPLATE, eos_token="<|end|>")
+    shape = _tiny_shape(tok) | dict(max_position_embeddings=1024, bos_token_id=tok.bos_token_id)
+    half = 32 // 4 // 2  # rope_dims / 2
+    rope = dict(
+        rope_type="longrope",
+        rope_theta=10000.0,
+        long_factor=[1.0 + i / 2 for i in range(half)],
+        short_factor=[1.0 + i / 8 for i in range(half)],
+        original_max_position_embeddings=256,
+    )
+    cfg = Phi3Config(**shape, rope_parameters=rope, original_max_position_embeddings=256)
+    return _save_family(path, cfg, tok, spm_model)
+
+
+FAMILIES = [
+    "tiny_llama",
+    "tiny_llama31",
+    "tiny_mistral",
+    "tiny_qwen2",
+    "tiny_qwen3",
+    "tiny_gemma2",
+    "tiny_gemma3",
+    "tiny_phi3",
+]
+
+
+def llama_cpp_tree() -> Path:
+    """llama.cpp's source tree (converters, gguf-py, models/templates): $LORAKIT_LLAMA_CPP, which
+    .ci/run sets from the llama-cpp-python source package; the test is skipped without it."""
+    import os
+
+    where = os.environ.get("LORAKIT_LLAMA_CPP", "")
+    if not where or not (Path(where) / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("LORAKIT_LLAMA_CPP does not name a llama.cpp source tree")
+    return Path(where)

@@ -1,8 +1,7 @@
 """Merge and export: merged == adapter logits, GGUF read back (metadata, tensors, vocabulary),
-the Ollama TEMPLATE equals the chat template, vLLM pre-checks."""
+vLLM pre-checks, `export all`. Per-family GGUF: test_families.py; Ollama TEMPLATE: test_ollama_template.py."""
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 from lorakit.config import ExportConfig, MergeConfig, TrainConfig
 from lorakit.errors import LorakitError
-from lorakit.export import _permute_rotary, ollama_template, vllm_command, write_gguf, write_lora_gguf
+from lorakit.export import _permute_rotary, vllm_command, write_gguf, write_lora_gguf
 from lorakit.merge import merge
 from lorakit.train import train
 
@@ -221,91 +220,11 @@ def test_unsupported_architecture_is_named(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100)).save_pretrained(
         tmp_path / "g"
     )
-    with pytest.raises(LorakitError, match="supports the llama, qwen2 families, not 'gpt2'"):
+    with pytest.raises(LorakitError, match="GGUF for the llama, mistral, .* families, not 'gpt2'"):
         write_gguf(tmp_path / "g", tmp_path / "g.gguf")
 
 
 # ---------------------------------------------------------------- Ollama
-
-
-def render_go(template: str, messages: list[dict]) -> str:
-    """A renderer for the Go-template subset lorakit writes: range .Messages, if/else if eq .Role,
-    .Content, end, and {{ "{{" }} literals."""
-    parts = re.split(r"(\{\{.*?\}\})", template)
-    pos = 0
-
-    def block(msg):
-        nonlocal pos
-        out, active = [], True
-        while pos < len(parts):
-            p = parts[pos]
-            pos += 1
-            if not p.startswith("{{"):
-                out.append(p if active else "")
-                continue
-            action = p[2:-2].strip()
-            if action == '"{{"':
-                out.append("{{" if active else "")
-            elif action == "range .Messages":
-                start = pos
-                for m in messages:
-                    pos = start
-                    out.append(block(m) if active else "")
-                if not messages:
-                    block(None)
-                pos += 1  # the range's own {{ end }}
-            elif action.startswith("if eq .Role"):
-                role = action.split('"')[1]
-                inner, pos_after = _if_chain(msg, role)
-                out.append(inner if active else "")
-            elif action == "end" or action.startswith("else"):
-                pos -= 1
-                return "".join(out)
-            elif action == ".Content":
-                out.append(msg["content"] if active else "")
-            else:
-                raise AssertionError(f"unexpected action {action}")
-        return "".join(out)
-
-    def _if_chain(msg, role):
-        nonlocal pos
-        chosen, result = False, ""
-        take = msg is not None and msg["role"] == role
-        while True:
-            text = block(msg)
-            if take and not chosen:
-                chosen, result = True, text
-            action = parts[pos][2:-2].strip()
-            pos += 1
-            if action == "end":
-                return result, pos
-            role = action.split('"')[1]
-            take = msg is not None and msg["role"] == role
-
-    return block(None)
-
-
-CONVERSATIONS = [
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "LDA #$12?"}],
-    [
-        {"role": "system", "content": "sys {{ x }}\nline two"},
-        {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "b"},
-        {"role": "user", "content": "c\n\nd"},
-    ],
-]
-
-
-@pytest.mark.parametrize("fixture", ["smol_tokenizer", "llama3_tokenizer"])
-@pytest.mark.parametrize("conversation", CONVERSATIONS)
-def test_ollama_template_equals_the_chat_template(request, fixture, conversation):
-    tok = request.getfixturevalue(fixture)
-    expected = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    from lorakit.data import ChatFormat
-
-    if ChatFormat(tok).template_writes_bos:  # the runtime adds BOS (add_bos_token in the GGUF)
-        expected = expected[len(tok.bos_token) :]
-    assert render_go(ollama_template(tok), conversation) == expected
 
 
 def test_modelfile_quoting_and_parameters(smol_tokenizer):
@@ -402,3 +321,72 @@ def test_llama_cpp_base_plus_lora_matches_peft(adapter, tiny_llama, tmp_path):
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.fixture
+def tiny_gpt2(tmp_path, smol_tokenizer):
+    """A merged-model directory of an architecture lorakit has no GGUF writer for."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path / "gpt2"
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(smol_tokenizer))
+    GPT2LMHeadModel(config).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_export_all_writes_what_it_can_and_lists_the_rest(tiny_gpt2, tmp_path, capsys, monkeypatch):
+    from lorakit.cli import main
+
+    monkeypatch.delenv("LORAKIT_LLAMA_CPP", raising=False)
+    out = tmp_path / "export"
+    assert main(["export", "all", "--model", str(tiny_gpt2), "--output_dir", str(out)]) == 0
+    assert not list(out.glob("*.gguf"))
+    # Ollama imports the safetensors directory itself and quantizes on create.
+    assert (out / "Modelfile").read_text().startswith(f"FROM {tiny_gpt2.resolve()}\n")
+    assert "vllm serve" in (out / "vllm.sh").read_text()
+    printed = capsys.readouterr().out
+    assert "ollama create lorakit-model -q q4_K_M" in printed
+    assert "except:\n  GGUF: lorakit writes GGUF for the llama" in printed
+    assert "Not written:\n\n- GGUF: " in (out / "README.md").read_text()
+
+
+def test_export_all_converts_with_llama_cpp_when_given(tiny_gpt2, tmp_path, monkeypatch):
+    """Architectures without a lorakit writer go through the given llama.cpp tree's converter."""
+    from lorakit.cli import main
+
+    tree = tmp_path / "llama.cpp"
+    (tree / "gguf-py").mkdir(parents=True)
+    (tree / "convert_hf_to_gguf.py").write_text(
+        "import sys, pathlib\nargs = sys.argv[1:]\n"
+        "pathlib.Path(args[args.index('--outfile') + 1]).write_text(' '.join(args))\n"
+    )
+    monkeypatch.setenv("LORAKIT_LLAMA_CPP", str(tree))
+    out = tmp_path / "export"
+    assert (
+        main(["export", "all", "--model", str(tiny_gpt2), "--output_dir", str(out), "--quant", "q8_0"]) == 0
+    )
+    assert (
+        out / "model-q8_0.gguf"
+    ).read_text() == f"{tiny_gpt2} --outfile {out / 'model-q8_0.gguf'} --outtype q8_0"
+    assert (out / "Modelfile").read_text().startswith("FROM ./model-q8_0.gguf\n")
+    assert "Not written" not in (out / "README.md").read_text()
+
+
+def test_export_all_fails_without_a_merged_model(tmp_path, capsys):
+    """An adapter whose base is gone: nothing to merge into, but vLLM's base + adapter line is written."""
+    from safetensors.torch import save_file
+
+    from lorakit.cli import main
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file({a: torch.zeros(8, 32)}, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"r": 8, "base_model_name_or_path": str(tmp_path / "gone")})
+    )
+    assert main(["export", "all", "--adapter", str(adapter), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "could not write the merged model; not written:\n  merged model: " in err
+    assert (tmp_path / "out" / "vllm.sh").is_file()  # base + adapter still served by vLLM

@@ -90,6 +90,7 @@ def test_shared_layers_import_no_command_module():
         "adapter",
         "checkpoints",
         "pretokenizer",
+        "families",
         "loss",
     ]
     graph = _imports()

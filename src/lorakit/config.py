@@ -560,6 +560,11 @@ class ExportConfig(MergeConfig, SamplingArgs):
     system: str = opt("", "SYSTEM of the Modelfile ('' = the system prompt the adapter was trained with).")
     ollama_name: str = opt("lorakit-model", "Model name in the printed `ollama create` command.")
     port: int = opt(8000, "Port in the printed `vllm serve` command.", check=PORT)
+    llama_cpp_dir: str = opt(
+        "",
+        "A llama.cpp source tree whose convert_hf_to_gguf.py / convert_lora_to_gguf.py write the GGUF files "
+        "of architectures lorakit has no writer for ('' = $LORAKIT_LLAMA_CPP).",
+    )
 
 
 @dataclass

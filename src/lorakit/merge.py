@@ -27,6 +27,21 @@ FP32_LOGIT_TOLERANCE = 1e-3
 HALF_TOP1_AGREEMENT = 0.97
 
 
+def _copy_sentencepiece_model(base: str, out: Path) -> None:
+    """transformers 5 saves tokenizer.json only; GGUF files of SentencePiece families (Gemma,
+    Phi-3, Llama 2) carry the piece scores that only the base's tokenizer.model holds."""
+    import shutil
+
+    source = Path(base) / "tokenizer.model"
+    if not source.is_file() and not Path(base).exists():  # a hub id: its cached snapshot, no download
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(base, "tokenizer.model")
+        source = Path(cached) if isinstance(cached, str) else source
+    if source.is_file():
+        shutil.copyfile(source, out / "tokenizer.model")
+
+
 def merge(cfg: MergeConfig) -> Path:
     import torch
     from peft import PeftModel
@@ -88,6 +103,7 @@ def merge(cfg: MergeConfig) -> Path:
     with staging_dir(out) as tmp:
         merged.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
         tokenizer.save_pretrained(tmp)
+        _copy_sentencepiece_model(base.path, tmp)
         atomic_write_json(
             tmp / "lorakit-merge.json",
             {
