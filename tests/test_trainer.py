@@ -385,3 +385,23 @@ def test_resume_refuses_changed_chat_template(tmp_path, tiny_llama, data):
     (base / "chat_template.jinja").write_text(template.replace("<|im_start|>", "<|im_start|> "))
     with pytest.raises(LorakitError, match="the chat template changed"):
         train(base_cfg(base, data, out, max_steps=4, resume=True))
+
+
+def test_optimizer_trackers_and_run_name_reach_the_trainer(tmp_path):
+    from lorakit.config import TrainConfig
+    from lorakit.errors import LorakitError
+    from lorakit.plan import optimizer_state_bytes
+    from lorakit.trainer import training_arguments
+
+    cfg = TrainConfig(optim="paged_adamw_8bit", report_to=["none"], run_name="trial-3")
+    args = training_arguments(cfg, tmp_path / "out", "no", 10, False)
+    assert args.optim == "paged_adamw_8bit" and args.report_to == [] and args.run_name == "trial-3"
+    args = training_arguments(TrainConfig(), tmp_path / "run-a", "no", 10, False)
+    # auto: fused AdamW only where CUDA runs it
+    assert args.optim == ("adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch")
+    assert args.report_to == ["tensorboard"] and args.run_name == "run-a"
+    with pytest.raises(LorakitError, match="--optim 'adam_w': must be auto or an optimizer name"):
+        TrainConfig(optim="adam_w")
+    with pytest.raises(LorakitError, match="--report_to"):
+        TrainConfig(report_to=["none", "wandb"])
+    assert optimizer_state_bytes("paged_adamw_8bit") * 4 == optimizer_state_bytes("adamw_torch")

@@ -55,6 +55,15 @@ def between(lo: float, hi: float, *, hi_open: bool = False, lo_open: bool = Fals
     return Check(test, f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
 
 
+def _is_optimizer(name: str) -> bool:
+    if name == "auto":
+        return True
+    from transformers.training_args import OptimizerNames  # only for a name other than auto
+
+    return name in {o.value for o in OptimizerNames}
+
+
+OPTIMIZER = Check(_is_optimizer, "auto or an optimizer name of transformers (TrainingArguments.optim)")
 POSITIVE = at_least(1)
 NON_NEGATIVE = at_least(0)
 PORT = between(1, 65535)
@@ -302,6 +311,27 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         "cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant_with_warmup")
     )
     max_grad_norm: float = opt(1.0, "Gradient clipping by global norm (0 = off).", check=NON_NEGATIVE)
+    optim: str = opt(
+        "auto",
+        "Optimizer, by transformers' name (e.g. paged_adamw_8bit for QLoRA, adamw_torch_fused); "
+        "auto = fused AdamW on a CUDA GPU, adamw_torch elsewhere.",
+        check=OPTIMIZER,
+    )
+    report_to: list[str] = opt(
+        ["tensorboard"],
+        "Where metrics go besides metrics.jsonl: tensorboard, wandb, mlflow, trackio, ... or none.",
+        check=Check(
+            lambda v: len(v) > 0 and ("none" not in v or len(v) == 1), "one or more trackers, or none alone"
+        ),
+        resumable=True,
+        sweepable=False,
+    )
+    run_name: str = opt(
+        "",
+        "The run's name in the trackers (default: the output directory's name).",
+        resumable=True,
+        sweepable=False,
+    )
     fp16: bool = opt(False, "fp16 mixed precision (CUDA GPUs only).")
     bf16: bool = opt(False, "bf16 mixed precision (Ampere+ GPUs, or CPUs with bf16 support).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% slower.")

@@ -379,7 +379,7 @@ class Memory:
 
     base_weights: int
     lora_weights: int  # fp32
-    optimizer_state: int  # AdamW m and v, fp32
+    optimizer_state: int  # AdamW m and v, fp32 (less for 8-bit and single-state optimizers)
     step_peak: int  # traced: activations, logits, gradients, temporaries
     gradients: int  # part of step_peak (fp32)
     logits: int  # part of step_peak: logits and loss buffers
@@ -391,7 +391,7 @@ class Memory:
     LABELS = {
         "base_weights": "base weights",
         "lora_weights": "LoRA weights (fp32)",
-        "optimizer_state": "optimizer state (AdamW m, v in fp32)",
+        "optimizer_state": "optimizer state (AdamW: m, v in fp32)",
         "step_peak": "step peak (traced): activations, logits, gradients, temporaries",
         "gradients": "  of which gradients (fp32)",
         "logits": "  of which logits and loss buffers",
@@ -453,6 +453,19 @@ class Plan:
         d["total_bytes"] = self.total_bytes
         d["fits"] = self.fits
         return d
+
+
+def optimizer_state_bytes(optim: str) -> float:
+    """Optimizer state per trainable parameter: AdamW keeps two fp32 moments (8 bytes), its
+    8-bit variants two 8-bit ones (~2 bytes with block scales), Lion and RMSprop one moment,
+    SGD none (transformers' SGD has no momentum by default)."""
+    if optim.startswith("sgd"):
+        return 0
+    if "8bit" in optim:
+        return 2 if ("adamw" in optim or "ademamix" in optim) else 1
+    if "lion" in optim or "rmsprop" in optim or "adagrad" in optim:
+        return 4
+    return 8
 
 
 def _sharding(cfg: PlanConfig, memory: Memory, layers: int, dtype_bytes: int, base_params: int) -> Memory:
@@ -569,7 +582,7 @@ def make_plan(cfg: PlanConfig, config=None, source: str = "", lengths=None) -> P
     memory = Memory(
         base_weights=weights,
         lora_weights=trainable * 4,
-        optimizer_state=trainable * 8,
+        optimizer_state=int(trainable * optimizer_state_bytes(cfg.optim)),
         step_peak=step,
         gradients=grads,
         logits=min(logits, step),

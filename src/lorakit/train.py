@@ -31,7 +31,7 @@ from .checkpoints import (
     guard_output_dir,
 )
 from .config import TrainConfig, write_yaml
-from .data import ChatFormat, Collator, DataReport, Encoded, encode_data
+from .data import ChatFormat, Collator, DataReport, Encoded, encode_data, row_lengths
 from .errors import LorakitError
 from .io import atomic_write_json, is_main_process, say, staged_files
 from .models import (
@@ -142,7 +142,7 @@ def _plan_check(cfg: TrainConfig, data: Encoded) -> None:
     if torch.cuda.is_available():
         from .plan import memory_check
 
-        memory_check(cfg, [len(e["input_ids"]) for e in data.train], torch.cuda.mem_get_info()[1])
+        memory_check(cfg, row_lengths(data.train), torch.cuda.mem_get_info()[1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -81,6 +81,18 @@ class LorakitTrainer(Trainer):
                 "model's own forward); the model's loss is used"
             )
 
+    def _get_train_sampler(self, train_dataset=None):
+        # Kept private override: for a dataset that is not a `datasets.Dataset`, Trainer learns
+        # the row lengths for group_by_length by reading every row (a million rows: a pass over
+        # the whole cache); the cached rows know their lengths from their offsets.
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch, dataset=dataset, lengths=dataset.lengths())
+        return super()._get_train_sampler(train_dataset)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sources = inputs.pop("sources", None)
         # The chunked loss calls the decoder directly, which a DDP wrapper must not be bypassed
@@ -158,6 +170,13 @@ def is_out_of_memory(e: BaseException) -> bool:
     )
 
 
+def optimizer_name(optim: str) -> str:
+    """--optim auto: fused AdamW where CUDA runs it (one kernel for all parameters), else adamw_torch."""
+    if optim != "auto":
+        return optim
+    return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
+
+
 def training_arguments(cfg: TrainConfig, out: Path, precision: str, total_steps: int, has_val: bool):
 
     warmup = cfg.warmup_steps
@@ -180,7 +199,7 @@ def training_arguments(cfg: TrainConfig, out: Path, precision: str, total_steps:
         weight_decay=cfg.weight_decay,
         lr_scheduler_type=cfg.lr_scheduler_type,
         max_grad_norm=cfg.max_grad_norm,
-        optim="adamw_torch",
+        optim=optimizer_name(cfg.optim),
         fp16=precision == "fp16",
         bf16=precision == "bf16",
         use_cpu=not torch.cuda.is_available(),
@@ -195,7 +214,8 @@ def training_arguments(cfg: TrainConfig, out: Path, precision: str, total_steps:
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
-        report_to=["tensorboard"],
+        report_to=[] if cfg.report_to == ["none"] else cfg.report_to,
+        run_name=cfg.run_name or out.name,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         dataloader_num_workers=0,
