@@ -213,6 +213,51 @@ def test_gemma2_system_prompt_goes_into_the_first_user_turn(smol_tokenizer):
     assert tok.decode(ids[first:]) == "Blue is a colour.<end_of_turn>\n"
 
 
+def test_a_template_that_rewrites_history_trains_one_row_per_turn(smol_tokenizer):
+    """Qwen3 drops the empty reasoning block from past turns: each turn is its own row, exactly
+    as inference saw it, and the data report says so."""
+    from lorakit.data import DataReport, Sample, encode_samples
+
+    [path] = [p for p in corpus() if p.stem == "Qwen-Qwen3-0.6B"]
+    tok, chat, _ = chat_format(smol_tokenizer, path)
+    report = DataReport(rows=1)
+    rows = encode_samples([Sample("f:1", "chat", CONVERSATIONS["multi"])], chat, 512, report=report)
+    assert len(rows) == 2 and report.split_conversations == 1
+    assert "trained as one row per run of turns" in report.summary()
+    for row, answer in zip(rows, ["Hello! How can I help?", "It is 7."]):
+        first = next(k for k, lab in enumerate(row["labels"]) if lab != IGNORE_INDEX)
+        assert tok.decode(row["input_ids"][first:]) == f"<think>\n\n</think>\n\n{answer}<|im_end|>\n"
+
+
+def test_template_errors_are_one_line(smol_tokenizer):
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = (
+        "{% if messages|length > 2 %}{{ raise_exception('Only one exchange is supported') }}{% endif %}"
+        + tok.chat_template
+    )
+    chat = ChatFormat(tok)
+    with pytest.raises(LorakitError, match=r"^the chat template cannot render this conversation: Only one"):
+        chat.encode_conversation(CONVERSATIONS["multi"])
+    tok.chat_template = "{% for m in messages %}{{ m.content }"
+    with pytest.raises(LorakitError, match=r"^the chat template cannot render") as e:
+        ChatFormat(tok)
+    assert "\n" not in str(e.value)
+
+
+def test_without_an_end_marker_eos_ends_the_row_only(smol_tokenizer):
+    """A template with no end-of-turn token: EOS is taught once, where inference stops (after
+    the row's last answer), never inside the conversation."""
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    chat = ChatFormat(tok)
+    ids, labels, _ = chat.encode_conversation(CONVERSATIONS["multi"])
+    assert ids.count(tok.eos_token_id) == 1 and ids[-1] == labels[-1] == tok.eos_token_id
+    assert ids[: supervised_runs(labels)[-1][0]] == chat.encode_prompt(CONVERSATIONS["multi"][:3])
+
+
 # Plain text without markup characters (a control token inside a message is refused by design).
 text = st.text(
     st.characters(whitelist_categories=("L", "N", "Zs"), whitelist_characters=".,?!'\n-"),

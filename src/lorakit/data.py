@@ -22,7 +22,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -435,6 +435,7 @@ CALLER_VARIABLES: dict[str, Callable[[datetime.datetime], str]] = {
 PLACEHOLDERS = ("Aplaceholder7", "Zplaceholder7")
 _TAG_START = re.compile(r"<[\w/|.-]*\Z")  # an unclosed `<think`-like tag at the end of a text
 _TAG_END = re.compile(r"[\w/|.-]*>")
+BOUNDARY_WINDOW = 32  # characters each side of a prompt/answer boundary checked for merges
 
 
 class _Turn(NamedTuple):
@@ -704,25 +705,30 @@ class ChatFormat:
         """encode_conversation_rows for many conversations, with their texts tokenized in one
         batch; a conversation that cannot be encoded gets its LorakitError in its place."""
         plans: list = []
-        pieces: list[str] = []  # each row's prompt and answer (tokenized with offsets)
-        wholes: list[str] = []  # each row's whole text (tokenized only to count boundary merges)
         for messages in conversations:
             try:
-                rows = self._rows(messages, last_only)
+                plans.append(self._rows(messages, last_only))
             except LorakitError as e:
                 plans.append(e)
-                continue
-            plans.append(rows)
-            for row in rows:
-                pieces += [row[-1].prompt, row[-1].answer]
-                wholes.append(row[-1].prompt + row[-1].answer)
-        tokens, whole_ids = iter(self._tokenize(pieces)), iter(self._ids(wholes))
-        return [
-            plan
-            if isinstance(plan, LorakitError)
-            else [self._assemble(row, next(tokens), next(tokens), next(whole_ids)) for row in plan]
-            for plan in plans
-        ]
+        rows = [row for plan in plans if not isinstance(plan, LorakitError) for row in plan]
+        # Offsets only where characters must be mapped to tokens (an answer; a prompt holding
+        # earlier answers): turning them into Python lists costs as much as the ids.
+        with_offsets, plain = [], []
+        for row in rows:
+            (with_offsets if len(row) > 1 else plain).append(row[-1].prompt)
+            with_offsets.append(row[-1].answer)
+            plain += self._boundary(row[-1])
+        tokens, ids = iter(self._tokenize(with_offsets)), iter(self._ids(plain))
+        encoded = iter([self._assemble(row, tokens, ids) for row in rows])
+        return [plan if isinstance(plan, LorakitError) else [next(encoded) for _ in plan] for plan in plans]
+
+    @staticmethod
+    def _boundary(turn: _Turn) -> list[str]:
+        """The texts that tell whether the tokenizer merges across a row's prompt/answer boundary:
+        the end of the prompt, the start of the answer, and both together. Pre-tokenization and
+        merges act within a few characters, so 32 on each side stand for the whole row."""
+        before, after = turn.prompt[-BOUNDARY_WINDOW:], turn.answer[:BOUNDARY_WINDOW]
+        return [before, after, before + after]
 
     def _rows(self, messages: list[dict], last_only: bool) -> list[list[_Turn]]:
         """The assistant turns to supervise, grouped into training rows: a turn joins the row of
@@ -866,11 +872,14 @@ class ChatFormat:
                 hi = k + len(needle) - 1
         return None
 
-    def _assemble(self, row: list[_Turn], prompt_tokens, answer_tokens, whole_ids: list[int]):
+    def _assemble(self, row: list[_Turn], tokens: Iterator, ids_of: Iterator):
         """(ids, labels, boundary_merge) of one row: its prompt tokenized as one text (the tokens
-        inference feeds), then its last answer tokenized alone (as generation produces it)."""
+        inference feeds), then its last answer tokenized alone (as generation produces it).
+        `tokens` and `ids_of` give the row's tokenized texts in encode_conversations' order."""
         last = row[-1]
-        prompt_ids, offsets = prompt_tokens
+        prompt_ids, offsets = next(tokens) if len(row) > 1 else (next(ids_of), [])
+        answer_ids, answer_offsets = next(tokens)
+        before, after, both = next(ids_of), next(ids_of), next(ids_of)
         labels = [IGNORE_INDEX] * len(prompt_ids)
         merged = False
         for turn in row[:-1]:  # earlier answers, supervised where their characters fall
@@ -879,14 +888,13 @@ class ChatFormat:
                 if start <= s < end:
                     labels[k] = prompt_ids[k]
                 merged |= s < start < e or s < end < e
-        answer_ids, answer_offsets = answer_tokens
         n = sum(1 for s, _ in answer_offsets if s < last.produced)
         output = answer_ids[:n]
         if not last.marked and self.tokenizer.eos_token_id is not None:
             output = output + [self.tokenizer.eos_token_id]  # no end marker: teach EOS, where inference stops
         ids = prompt_ids + output + answer_ids[n:]
         labels += output + [IGNORE_INDEX] * (len(answer_ids) - n)
-        merged |= whole_ids != prompt_ids + answer_ids
+        merged |= both != before + after
         with_prefix = self._with_prefix(ids)
         return with_prefix, [IGNORE_INDEX] * (len(with_prefix) - len(ids)) + labels, merged
 
