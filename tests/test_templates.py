@@ -229,6 +229,27 @@ def test_a_template_that_rewrites_history_trains_one_row_per_turn(smol_tokenizer
         assert tok.decode(row["input_ids"][first:]) == f"<think>\n\n</think>\n\n{answer}<|im_end|>\n"
 
 
+def test_inline_reasoning_trains_where_the_template_keeps_it(smol_tokenizer):
+    """`<think>...</think>answer` in an answer: Qwen3 moves the reasoning into its block (trained);
+    DeepSeek-R1 drops it from the finished turn (refused, rather than trained without it)."""
+    msgs = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\nIt is 4."},
+    ]
+    for name, kept in (("Qwen-Qwen3-0.6B", True), ("deepseek-ai-DeepSeek-R1-Distill-Llama-8B", False)):
+        [path] = [p for p in corpus() if p.stem == name]
+        tok = copy.deepcopy(smol_tokenizer)  # <think> as plain text, as in Qwen3's own tokenizer
+        tok.chat_template = path.read_text(encoding="utf-8")
+        chat = ChatFormat(tok)
+        if not kept:
+            with pytest.raises(LorakitError, match="drops part of this assistant answer"):
+                chat.encode_conversation(msgs)
+            continue
+        ids, labels, _ = chat.encode_conversation(msgs)
+        supervised = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+        assert supervised == "<think>\nTwo and two.\n</think>\n\nIt is 4.<|im_end|>"
+
+
 def test_template_errors_are_one_line(smol_tokenizer):
     tok = copy.deepcopy(smol_tokenizer)
     tok.chat_template = (

@@ -752,6 +752,15 @@ class ChatFormat:
         # The common case, rendered prefix by prefix: the answer is what the finished turn adds.
         answer = full[len(prompt) :] if full.startswith(prompt) else self._answer(messages, i, prompt, full)
         span = self._content_span(answer, content)
+        if (
+            span is not None
+            and content not in answer
+            and any(x.strip() not in answer for x in content.splitlines())
+        ):
+            raise LorakitError(
+                f"message {i}: the chat template drops part of this assistant answer (reasoning "
+                "before </think>?), so the answer as written cannot be trained; remove that part"
+            )
         if span is None:
             raise LorakitError(
                 f"message {i}: the chat template does not render this assistant answer as written "
