@@ -399,16 +399,27 @@ def split_validation(samples: list[Sample], val_size: float, seed: int) -> tuple
 # A training row is built the way inference meets it. For each assistant turn i, the prompt is
 # render(messages[:i], add_generation_prompt=True), exactly what generate/chat/serve feed the
 # model, and the supervised text is what the model must produce after it, through the template's
-# end-of-turn token, read off render(messages[:i + 1]). Three kinds of template make the
-# finished render differ from "prompt + answer", and each is handled where it arises (_answer):
+# end-of-turn token, read off render(messages[:i + 1]) (_turn). Where the finished render does
+# not simply extend the prompt (_answer):
 #   - thinking templates whose generation prompt opens a block (`<think>\n`) that a finished
 #     turn does not show: the answer is what the finished turn writes after the text both
 #     renders share, appended to the prompt as it is (DeepSeek-R1, QwQ, GLM, Gemma 4, Cohere);
 #   - templates that render the history differently once the assistant has answered (Mistral
-#     writes the system prompt into the last user turn only): the answer is located with
-#     placeholder contents and the prompt is still the inference one;
-#   - templates with no system role (Gemma 2): the system prompt goes at the start of the first
-#     user turn, as those models' authors advise, in training and inference alike.
+#     writes the system prompt into the last user turn only; Command R moves tool instructions
+#     after the last turn): the answer is located with placeholder answers and the prompt is
+#     still the inference one.
+# Templates with no system role (Gemma 2) get the system prompt at the start of the first user
+# turn, as those models' authors advise, in training and inference alike (render). Variables a
+# template expects from its caller (`tools`, firefunction's `functions`) are found by probing
+# once (_template_variables).
+#
+# The end of the model's output (_end_of_turn) is the run of special tokens that first follows
+# the answer (<|im_end|>; Cohere's <|END_TEXT|><|END_OF_TURN_TOKEN|>), not a header the template
+# writes after a finished turn. A template that writes its end-of-turn token only when another
+# turn follows (Apertus, GLM, Hunyuan) shows it in a render with one more user turn
+# (_handed_back). Only where a template has no end token at all is EOS taught, once, at the end
+# of a row: inside a conversation it would be text inference never sees.
+#
 # Templates that rewrite earlier turns (Qwen3 drops reasoning blocks from the history, gpt-oss
 # ends past turns with <|end|> instead of <|return|>) cannot show every turn in one row as
 # inference saw it. Such a conversation becomes one row per run of turns that do render prefix
@@ -416,7 +427,7 @@ def split_validation(samples: list[Sample], val_size: float, seed: int) -> tuple
 # produced at that turn, at the cost of repeating the history (for n turns up to n times the
 # tokens of one row). The alternative, one row from the final render, would either teach
 # answers the model never gives (an earlier turn without its `<think></think>`) or leave
-# those turns unsupervised. Templates that render prefix by prefix (ChatML, Llama 3, Gemma,
+# those turns unsupervised. Templates that render prefix by prefix (ChatML, Llama 3, Gemma 2,
 # most) keep one row per conversation and pay nothing.
 #
 # Tokens: a row's prompt is tokenized as one text, so the tokens before its last answer are
