@@ -6,9 +6,20 @@ PY     := $(VENV)/bin/python
 # pyproject.toml keeps normal ranges.
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: install demo test test-quick lint clean
+# The real chat templates tests/test_templates.py checks the loss mask against (llama.cpp's
+# models/templates, from the llama-cpp-python source package on PyPI; only those files are kept).
+# The test looks here (or in $$LORAKIT_TEMPLATE_CORPUS).
+TEMPLATES := .cache/chat-templates
+
+.PHONY: install templates demo test test-quick lint clean
 
 install: $(VENV)/.installed
+
+templates: $(TEMPLATES)/.fetched
+
+$(TEMPLATES)/.fetched: scripts/fetch_chat_templates.py | $(VENV)/.installed
+	$(PY) scripts/fetch_chat_templates.py --dest $(TEMPLATES)
+	touch $@
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +34,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/lorakit demo
 
-test: install
+test: install templates
 	$(PY) -m pytest
 
-test-quick: install
+test-quick: install templates
 	$(PY) -m pytest -m "not slow"
 
 lint: install
@@ -34,4 +45,4 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache .cache

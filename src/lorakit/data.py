@@ -1,23 +1,26 @@
 """Data: JSONL rows -> chat messages -> token ids with a loss mask taken from the chat template.
 
-The mask is derived by rendering the conversation prefix by prefix with the tokenizer's own chat
-template: the text each assistant turn adds (between the render that ends with the generation
-prompt and the render that includes the turn) is what the model must produce. Every other token
-(system, user, template scaffolding) gets label -100. Inside an assistant turn, tokens are
-supervised up to and including the template's end-of-turn token (e.g. `<|im_end|>`), so the model
-learns to stop; whatever the template writes after it (ChatML's "\\n") is never generated at
-inference and is not supervised.
+The mask comes from the tokenizer's own chat template, the way inference uses it: for each
+assistant turn, the prompt is the template's render of the conversation before it with the
+generation prompt (what generate, chat and serve feed the model), and what the model must produce
+after it (read off the render that includes the turn) is supervised, up to and including the
+template's end-of-turn token (e.g. `<|im_end|>`), so the model learns to stop. Every other token
+(system, user, template scaffolding, ChatML's "\\n" after `<|im_end|>`) gets label -100. Templates
+that open a thinking block in the generation prompt, move the system prompt, lack a system role
+or rewrite earlier turns are handled in ChatFormat (see the notes above it).
 
-Segments are tokenized one by one and concatenated: that is exactly what happens at inference,
-where the prompt is tokenized alone and the answer is generated token by token. Tokenizing the
-full render instead can merge tokens across a segment boundary; such rows are counted.
+The prompt is tokenized as one text, exactly as inference tokenizes it; the answer on its own, as
+generation produces it token by token. Rows whose tokens differ from tokenizing their whole text
+at once (a merge across the boundary) are counted.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -466,13 +469,103 @@ def split_validation(samples: list[Sample], val_size: float, seed: int) -> tuple
 
 # --------------------------------------------------------------------------------------------
 # Template rendering and masking
+#
+# A training row is built the way inference meets it. For each assistant turn i, the prompt is
+# render(messages[:i], add_generation_prompt=True), exactly what generate/chat/serve feed the
+# model, and the supervised text is what the model must produce after it, through the template's
+# end-of-turn token, read off render(messages[:i + 1]) (_turn). Where the finished render does
+# not simply extend the prompt (_answer):
+#   - thinking templates whose generation prompt opens a block (`<think>\n`) that a finished
+#     turn does not show: the answer is what the finished turn writes after the text both
+#     renders share, appended to the prompt as it is (DeepSeek-R1, QwQ, GLM, Gemma 4, Cohere);
+#   - templates that render the history differently once the assistant has answered (Mistral
+#     writes the system prompt into the last user turn only; Command R moves tool instructions
+#     after the last turn): the answer is located with placeholder answers and the prompt is
+#     still the inference one.
+# Templates with no system role (Gemma 2) get the system prompt at the start of the first user
+# turn, as those models' authors advise, in training and inference alike (render). Variables a
+# template expects from its caller (`tools`, firefunction's `functions`) are found by probing
+# once (_template_variables).
+#
+# The end of the model's output (_end_of_turn) is the run of special tokens that first follows
+# the answer (<|im_end|>; Cohere's <|END_TEXT|><|END_OF_TURN_TOKEN|>), not a header the template
+# writes after a finished turn. A template that writes its end-of-turn token only when another
+# turn follows (Apertus, GLM, Hunyuan) shows it in a render with one more user turn
+# (_handed_back). Only where a template has no end token at all is EOS taught, once, at the end
+# of a row: inside a conversation it would be text inference never sees.
+#
+# Templates that rewrite earlier turns (Qwen3 drops reasoning blocks from the history, gpt-oss
+# ends past turns with <|end|> instead of <|return|>) cannot show every turn in one row as
+# inference saw it. Such a conversation becomes one row per run of turns that do render prefix
+# by prefix (one row per assistant turn at worst): every supervised token is what the model
+# produced at that turn, at the cost of repeating the history (for n turns up to n times the
+# tokens of one row). The alternative, one row from the final render, would either teach
+# answers the model never gives (an earlier turn without its `<think></think>`) or leave
+# those turns unsupervised. Templates that render prefix by prefix (ChatML, Llama 3, Gemma 2,
+# most) keep one row per conversation and pay nothing.
+#
+# Tokens: a row's prompt is tokenized as one text, so the tokens before its last answer are
+# exactly encode_prompt(messages[:last]); the answer is tokenized on its own, as generation
+# produces it token by token. Earlier answers inside the prompt are supervised where their
+# characters fall. A row whose tokens differ from tokenizing its whole text at once is counted
+# as a boundary merge.
+
+# Variables some templates read from their caller rather than from the messages: a template
+# that fails without one gets it (firefunction reads `functions`, a JSON list, and `datetime`).
+CALLER_VARIABLES: dict[str, Callable[[datetime.datetime], str]] = {
+    "functions": lambda now: "[]",
+    "datetime": lambda now: now.strftime("%Y-%m-%d"),
+}
+# Placeholder answers that locate an answer's start when the template rewrites the history.
+PLACEHOLDERS = ("Aplaceholder7", "Zplaceholder7")
+_TAG_START = re.compile(r"<[\w/|.-]*\Z")  # an unclosed `<think`-like tag at the end of a text
+_TAG_END = re.compile(r"[\w/|.-]*>")
+BOUNDARY_WINDOW = 32  # characters each side of a prompt/answer boundary checked for merges
+
+
+class _Turn(NamedTuple):
+    """One assistant turn as inference meets it."""
+
+    index: int  # the message's index in the conversation
+    prompt: str  # render(messages[:index], add_generation_prompt=True): what inference feeds
+    answer: str  # what training puts after the prompt: the model's output, then what the
+    # template writes after its end-of-turn token (ChatML's "\n"), which is not supervised
+    produced: int  # characters of `answer` the model produces (through the end-of-turn token)
+    marked: bool  # whether a special token ends the output (else EOS is taught after it)
+
+    def said(self) -> str:
+        """The conversation's text once the model has produced this turn."""
+        return self.prompt + self.answer[: self.produced]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
+    return lo
 
 
 class ChatFormat:
     """The tokenizer's chat template, with what the masking and inference need to know about it."""
 
     def __init__(self, tokenizer):
+        import jinja2
+
         self.tokenizer = tokenizer
+        # What a template raises on input it cannot render (raise_exception, an undefined
+        # variable, iterating None): turned into one-line LorakitErrors by _apply.
+        self._template_errors = (
+            jinja2.TemplateError,
+            TypeError,
+            ValueError,
+            KeyError,
+            AttributeError,
+            IndexError,
+        )
         self.fallback = not getattr(tokenizer, "chat_template", None)
         if self.fallback:
             say("lorakit: the tokenizer has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)")
@@ -491,7 +584,17 @@ class ChatFormat:
         self.special_texts = sorted(
             {tokenizer.convert_ids_to_tokens(i) for i in self.special_ids}, key=len, reverse=True
         )
+        self._special_re = re.compile("|".join(re.escape(t) for t in self.special_texts if t) or "(?!)")
+        self.variables = self._template_variables()
+        self.system_folded = not self._has_system_role()
+        if self.system_folded:
+            say(
+                "lorakit: the chat template has no system role; a system prompt goes at the start of "
+                "the first user turn (as the model's authors advise)"
+            )
         self.batched = self._backend_matches()
+        self._openers = self._generation_prompt_specials()
+        self._turn_suffix = self._probe_turn_suffix()
         self.end_of_turn_id = self._probe_end_of_turn()
         probe = self._encode(self.render([{"role": "user", "content": "x"}], add_generation_prompt=True))
         self.template_writes_bos = bool(self.prefix_ids) and probe[: len(self.prefix_ids)] == self.prefix_ids
@@ -501,17 +604,87 @@ class ChatFormat:
             say("lorakit: the chat template writes BOS itself; not adding a second one")
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        """The template's text of a conversation: the one rendering of training and inference."""
+        if self.system_folded:
+            messages = self._fold_system(messages)
+        return self._apply(messages, add_generation_prompt, self.variables)
+
+    def _apply(self, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **variables
+            )
+        except self._template_errors as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise LorakitError(f"the chat template cannot render this conversation: {reason}") from None
+
+    def _template_variables(self) -> dict[str, Any]:
+        """Variables passed to every rendering. A template that reads today's date both from
+        `date_string` and from the clock (Llama 3.2) gets it once, so that two renders of one
+        conversation agree even across midnight. (A template that only calls the clock cannot be
+        pinned: apply_chat_template turns passed functions into strings.) A template that fails
+        on a one-message conversation gets the caller variables it names, or an empty tool list
+        (templates that loop over `tools` without checking it)."""
+        now = datetime.datetime.now()
+        template = self.tokenizer.chat_template
+        variables: dict[str, Any] = {}
+        clock = re.findall(r"strftime_now\(\s*[\"']([^\"']+)[\"']\s*\)", template)
+        if "date_string" in template and len(set(clock)) == 1:
+            variables["date_string"] = now.strftime(clock[0])
+        probe = [{"role": "user", "content": "x"}]
+        while True:
+            try:
+                self._apply(probe, True, variables)
+                return variables
+            except LorakitError as e:
+                missing = re.search(r"'(\w+)' is undefined", str(e))
+                if missing and missing[1] in CALLER_VARIABLES and missing[1] not in variables:
+                    variables[missing[1]] = CALLER_VARIABLES[missing[1]](now)
+                elif "tools" not in variables:
+                    variables["tools"] = []
+                else:
+                    raise LorakitError(f"{e} (a one-message conversation)") from None
+
+    def _has_system_role(self) -> bool:
+        """Whether the template renders a system message (Gemma 2 raises; some drop it)."""
+        marker = "lorakit system probe"
+        msgs = [{"role": "system", "content": marker}, {"role": "user", "content": "x"}]
+        try:
+            return marker in self._apply(msgs, True, self.variables)
+        except LorakitError:
+            return False
+
+    @staticmethod
+    def _fold_system(messages: list[dict]) -> list[dict]:
+        """The system prompt at the start of the first user turn, for a template without a
+        system role."""
+        if not messages or messages[0]["role"] != "system":
+            return messages
+        system, rest = messages[0]["content"], messages[1:]
+        if rest and rest[0]["role"] == "user":
+            return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+        return [{"role": "user", "content": system}, *rest]
+
+    def _generation_prompt_specials(self) -> set[str]:
+        """The special tokens of the generation prompt (an assistant header such as
+        <|start_header_id|>): they open a turn, so they never end one."""
+        user = [{"role": "user", "content": "x"}]
+        prompt, history = self.render(user, add_generation_prompt=True), self.render(user)
+        return set(self._special_re.findall(prompt, _common_prefix(prompt, history)))
+
+    def _probe_turn_suffix(self) -> str:
+        """What the template writes after the content of a conversation's last answer."""
+        answered = [{"role": "user", "content": "x"}, {"role": "assistant", "content": PLACEHOLDERS[0]}]
+        text = self.render(answered)
+        k = text.rfind(PLACEHOLDERS[0])
+        return text[k + len(PLACEHOLDERS[0]) :] if k >= 0 else ""
 
     def _probe_end_of_turn(self) -> int | None:
-        """The special token the template writes after an assistant's content (e.g. <|im_end|>)."""
+        """The special token that ends an assistant's output (e.g. <|im_end|>)."""
         msgs = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
-        delta = self.render(msgs)[len(self.render(msgs[:1], add_generation_prompt=True)) :]
-        ids = self._supervised_span(delta, "pong")[0]
-        end = next((i for i in ids if i in self.special_ids), None)
-        return end if end is not None else self.tokenizer.eos_token_id
+        turn = self._turn(msgs, 1)
+        ids = self._encode(turn.answer[: turn.produced]) if turn.marked else []
+        return ids[-1] if ids and ids[-1] in self.special_ids else self.tokenizer.eos_token_id
 
     def stop_ids(self) -> list[int]:
         ids = [self.end_of_turn_id, self.tokenizer.eos_token_id]
@@ -559,21 +732,6 @@ class ChatFormat:
     def _encode(self, text: str) -> list[int]:
         return self._ids([text])[0]
 
-    def _supervised_span(self, delta: str, content: str) -> tuple[list[int], list[int]]:
-        """Split an assistant turn's text into (supervised ids, unsupervised trailing ids)."""
-        return self._split_turn(*self._tokenize([delta])[0], delta, content)
-
-    def _split_turn(self, ids: list[int], offsets, delta: str, content: str) -> tuple[list[int], list[int]]:
-        """(supervised ids, trailing ids) of an assistant turn's tokens: supervised up to and
-        including the first special token after the content (its end of turn)."""
-        content = content.strip()  # templates such as Llama 3's trim the content
-        start = delta.find(content) if content else -1
-        content_end = start + len(content) if start >= 0 else 0
-        for k, (i, (s, _)) in enumerate(zip(ids, offsets)):
-            if i in self.special_ids and s >= content_end:
-                return ids[: k + 1], ids[k + 1 :]
-        return ids, []
-
     def encode_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of a prompt at inference: the same rendering and BOS rule as training."""
         return self._with_prefix(self._encode(self.render(messages, add_generation_prompt=True)))
@@ -606,8 +764,21 @@ class ChatFormat:
     def encode_conversation(
         self, messages: list[dict], last_only: bool = False
     ) -> tuple[list[int], list[int], bool]:
-        """(input_ids, labels, boundary_merge) for a conversation; loss on every assistant turn
-        (or only the last one)."""
+        """(input_ids, labels, boundary_merge) of a conversation that trains as one row (every
+        conversation does with templates that render prefix by prefix); loss on every assistant
+        turn (or only the last one)."""
+        rows = self.encode_conversation_rows(messages, last_only)
+        if len(rows) != 1:
+            raise LorakitError(
+                f"the chat template rewrites earlier turns, so this conversation trains as {len(rows)} "
+                "rows; use encode_conversation_rows"
+            )
+        return rows[0]
+
+    def encode_conversation_rows(
+        self, messages: list[dict], last_only: bool = False
+    ) -> list[tuple[list[int], list[int], bool]]:
+        """The training rows of a conversation: (input_ids, labels, boundary_merge) each."""
         [result] = self.encode_conversations([messages], last_only)
         if isinstance(result, LorakitError):
             raise result
@@ -615,71 +786,211 @@ class ChatFormat:
 
     def encode_conversations(
         self, conversations: list[list[dict]], last_only: bool = False
-    ) -> list[tuple[list[int], list[int], bool] | LorakitError]:
-        """encode_conversation for many conversations, with their texts tokenized in one batch;
-        a conversation that cannot be encoded gets its LorakitError in its place."""
+    ) -> list[list[tuple[list[int], list[int], bool]] | LorakitError]:
+        """encode_conversation_rows for many conversations, with their texts tokenized in one
+        batch; a conversation that cannot be encoded gets its LorakitError in its place."""
         plans: list = []
-        plain: list[str] = []  # the text before each turn, and each whole render
-        deltas: list[str] = []  # each assistant turn's text (tokenized with offsets)
         for messages in conversations:
             try:
-                turns, done = self._turns(messages)
+                plans.append(self._rows(messages, last_only))
             except LorakitError as e:
                 plans.append(e)
-                continue
-            plans.append((turns, done))
-            for before, delta, _, _ in turns:
-                plain.append(before)
-                deltas.append(delta)
-            plain.append(done)
-        plain_ids, delta_tokens = iter(self._ids(plain)), iter(self._tokenize(deltas))
-        results: list = []
-        for messages, plan in zip(conversations, plans):
-            if isinstance(plan, LorakitError):
-                results.append(plan)
-                continue
-            turns, _ = plan
-            pieces = [(next(plain_ids), next(delta_tokens)) for _ in turns]
-            results.append(self._assemble(messages, turns, pieces, next(plain_ids), last_only))
-        return results
+        rows = [row for plan in plans if not isinstance(plan, LorakitError) for row in plan]
+        # Offsets only where characters must be mapped to tokens (an answer; a prompt holding
+        # earlier answers): turning them into Python lists costs as much as the ids.
+        with_offsets, plain = [], []
+        for row in rows:
+            (with_offsets if len(row) > 1 else plain).append(row[-1].prompt)
+            with_offsets.append(row[-1].answer)
+            plain += self._boundary(row[-1])
+        tokens, ids = iter(self._tokenize(with_offsets)), iter(self._ids(plain))
+        encoded = iter([self._assemble(row, tokens, ids) for row in rows])
+        return [plan if isinstance(plan, LorakitError) else [next(encoded) for _ in plan] for plan in plans]
 
-    def _turns(self, messages: list[dict]) -> tuple[list[tuple[str, str, str, int]], str]:
-        """The texts of a conversation's assistant turns, rendered prefix by prefix: for each,
-        (text before it, the turn's text, its content, its index); and the whole render."""
+    @staticmethod
+    def _boundary(turn: _Turn) -> list[str]:
+        """The texts that tell whether the tokenizer merges across a row's prompt/answer boundary:
+        the end of the prompt, the start of the answer, and both together. Pre-tokenization and
+        merges act within a few characters, so 32 on each side stand for the whole row."""
+        before, after = turn.prompt[-BOUNDARY_WINDOW:], turn.answer[:BOUNDARY_WINDOW]
+        return [before, after, before + after]
+
+    def _rows(self, messages: list[dict], last_only: bool) -> list[list[_Turn]]:
+        """The assistant turns to supervise, grouped into training rows: a turn joins the row of
+        the turn before it when its prompt continues that turn's text exactly as the model
+        produced it; otherwise the template rewrote the history and a new row starts."""
         self.check_content(messages)
-        turns = []
-        done = ""  # text rendered so far
-        for i, msg in enumerate(messages):
-            if msg["role"] != "assistant":
-                continue
-            prompt = self.render(messages[:i], add_generation_prompt=True)
-            full = self.render(messages[: i + 1])
-            if not prompt.startswith(done) or not full.startswith(prompt):
-                raise LorakitError(
-                    "the chat template does not render conversations prefix by prefix "
-                    "(a later turn changes earlier text), so the assistant tokens cannot be located"
-                )
-            turns.append((prompt[len(done) :], full[len(prompt) :], msg["content"], i))
-            done = full
-        return turns, done
+        indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        rows: list[list[_Turn]] = []
+        for i in indices[-1:] if last_only else indices:
+            turn = self._turn(messages, i)
+            if rows and turn.prompt.startswith(rows[-1][-1].said()):
+                rows[-1].append(turn)
+            else:
+                rows.append([turn])
+        return rows
 
-    def _assemble(self, messages, turns, pieces, full_ids: list[int], last_only: bool):
-        """Ids and labels from the tokenized turns: each segment tokenized alone, as inference
-        sees it (the prompt alone, then the answer token by token)."""
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        ids: list[int] = []
-        labels: list[int] = []
-        for (_, delta, content, i), (before, (delta_ids, offsets)) in zip(turns, pieces):
-            sup, trailing = self._split_turn(delta_ids, offsets, delta, content)
-            if not any(t in self.special_ids for t in sup) and self.tokenizer.eos_token_id is not None:
-                sup = sup + [self.tokenizer.eos_token_id]  # a template with no end marker: teach EOS
-            ids += before + sup + trailing
-            targets = sup if (i == last or not last_only) else [IGNORE_INDEX] * len(sup)
-            labels += [IGNORE_INDEX] * len(before) + targets + [IGNORE_INDEX] * len(trailing)
-        boundary_merge = full_ids != ids
+    def _turn(self, messages: list[dict], i: int) -> _Turn:
+        prompt = self.render(messages[:i], add_generation_prompt=True)
+        full = self.render(messages[: i + 1])
+        content = messages[i]["content"].strip()  # templates such as Llama 3's trim it
+        # The common case, rendered prefix by prefix: the answer is what the finished turn adds.
+        answer = full[len(prompt) :] if full.startswith(prompt) else self._answer(messages, i, prompt, full)
+        span = self._content_span(answer, content)
+        if (
+            span is not None
+            and content not in answer
+            and any(x.strip() not in answer for x in content.splitlines())
+        ):
+            raise LorakitError(
+                f"message {i}: the chat template drops part of this assistant answer (reasoning "
+                "before </think>?), so the answer as written cannot be trained; remove that part"
+            )
+        if span is None:
+            raise LorakitError(
+                f"message {i}: the chat template does not render this assistant answer as written "
+                "(it drops or rewrites its text), so its tokens cannot be located"
+            )
+        end = self._end_of_turn(answer, span[1], prompt)
+        if end is None:
+            answer, end = self._handed_back(messages, i, answer, span[1])
+        return _Turn(i, prompt, answer, len(answer) if end is None else end, end is not None)
+
+    def _answer(self, messages: list[dict], i: int, prompt: str, full: str) -> str:
+        """The answer of turn i when the finished render does not extend the prompt."""
+        history = self.render(messages[:i])  # the conversation before turn i, no generation prompt
+        shared = _common_prefix(prompt, full)
+        opening = prompt[len(history) :] if prompt.startswith(history) else None
+        if opening and shared >= len(history):
+            return self._reopened(messages[i]["content"], full, shared, len(history))
+        # The history renders differently once the assistant has answered (Mistral writes the
+        # system prompt into the last user turn only; Command R moves its tool instructions
+        # after the last turn): placeholder answers show where the answer starts, and the text
+        # before it must end as the prompt ends, so that the answer follows the prompt directly.
+        a, b = (self.render([*messages[:i], {"role": "assistant", "content": p}]) for p in PLACEHOLDERS)
+        start = _common_prefix(a, b)
+        before = full[:start] if full[:start] == a[:start] else None
+        if before is not None and opening and before.endswith(opening):
+            return full[start:]
+        if before is not None and opening == "" and self._ends_alike(prompt, before):
+            return full[start:]
+        if opening == "":
+            # The template writes its generation prompt whatever add_generation_prompt says
+            # (Command R7B): the finished turn replaces its end.
+            return self._reopened(messages[i]["content"], full, shared, 0)
+        raise LorakitError(
+            f"message {i}: the chat template renders the earlier turns differently once the "
+            "assistant has answered and opens the answer differently too; the answer cannot be located"
+        )
+
+    def _reopened(self, content: str, full: str, shared: int, lo: int) -> str:
+        """The answer when the generation prompt opens something the finished turn does not
+        show (`<think>\\n` where the finished turn writes `</think>answer`, or nothing): what the
+        finished turn writes after the text both share, appended to the prompt unchanged. The
+        shared text can run into the answer ("Here are my reasoning steps" and "Hello")."""
+        span = self._content_span(full, content.strip(), lo)
+        return full[self._token_boundary(full, min(shared, span[0] if span else shared)) :]
+
+    def _ends_alike(self, prompt: str, before: str) -> bool:
+        """Whether the text before an answer ends with the prompt's last special token (or, if
+        the prompt ends in plain text, its last 4 characters)."""
+        last = self._special_re.search(
+            prompt, max(0, len(prompt) - len(self.special_texts[0] if self.special_texts else ""))
+        )
+        tail = prompt[last.start() :] if last and last.end() == len(prompt) else prompt[-4:]
+        return before.endswith(tail)
+
+    def _token_boundary(self, text: str, k: int) -> int:
+        """k, moved back so as not to cut a special token or a tag such as `<think>` in two
+        (`<think>` and `</think>` share their first character)."""
+        lo = max(0, k - len(self.special_texts[0])) if self.special_texts else k
+        for m in self._special_re.finditer(text, lo, min(len(text), k + (k - lo))):
+            if m.start() < k < m.end():
+                return m.start()
+        tag = _TAG_START.search(text, max(0, k - 32), k)
+        return tag.start() if tag and _TAG_END.match(text, k) else k
+
+    def _end_of_turn(self, answer: str, content_end: int, prompt: str) -> int | None:
+        """Where the model's output ends: after the run of adjacent special tokens that first
+        follows the content (<|im_end|>; Cohere's <|END_TEXT|><|END_OF_TURN_TOKEN|>), stopping
+        before a token of the generation prompt, or before text the prompt ends with: templates
+        that write a header after the finished turn (firefunction, Command R) open no turn
+        the model produces. None: no special token follows."""
+        end = None
+        for m in self._special_re.finditer(answer, content_end):
+            rest = answer[m.start() :]
+            if end is not None and (m.start() != end or m.group() in self._openers or prompt.endswith(rest)):
+                break
+            end = m.end()
+        return end
+
+    def _handed_back(
+        self, messages: list[dict], i: int, answer: str, content_end: int
+    ) -> tuple[str, int | None]:
+        """(answer, end of the output) for a turn whose finished render shows no end-of-turn
+        token: Apertus, GLM and Hunyuan write it only once another turn follows, and that token
+        (<|assistant_end|>, GLM's <|user|>) is how the model hands the turn back. It is taken
+        from a render where a user turn follows, when only whitespace separates it from the
+        answer; otherwise there is none (EOS is taught at the end of the row)."""
+        follow = [*messages[: i + 1], {"role": "user", "content": PLACEHOLDERS[0]}]
+        try:
+            text = self.render(follow, add_generation_prompt=True)
+        except LorakitError:
+            return answer, None
+        cut = text.rfind(PLACEHOLDERS[0])
+        span = self._content_span(text[:cut], messages[i]["content"].strip(), last=False)
+        token = span and self._special_re.search(text, span[1], cut)
+        if not token or text[span[1] : token.start()].strip():
+            return answer, None
+        answer = answer[:content_end] + text[span[1] : token.end()]
+        return answer, len(answer)
+
+    def _content_span(
+        self, text: str, content: str, lo: int = 0, last: bool = True
+    ) -> tuple[int, int] | None:
+        """Where the content of a conversation's last message is in text[lo:]. Where the text
+        ends as every finished conversation does (what the template writes after the last
+        answer: `<|im_end|>\\n`, or Command R's tool instructions), just before that; else
+        (or with last=False) its last occurrence that is not inside a special token (an answer
+        "end" is not the `end` of <|im_end|>), or its last line where the template moved the
+        rest (reasoning before </think>) elsewhere. None: not there."""
+        body = text[: len(text) - len(self._turn_suffix)].rstrip() if last else ""
+        if body.endswith(content) and len(body) - len(content) >= lo and text.endswith(self._turn_suffix):
+            return len(body) - len(content), len(body)
+        specials = [m.span() for m in self._special_re.finditer(text, lo)]
+        for needle in dict.fromkeys((content, content.splitlines()[-1].strip() if content else "")):
+            hi = len(text)
+            while needle and (k := text.rfind(needle, lo, hi)) >= 0:
+                if not any(s < k + len(needle) and k < e for s, e in specials):
+                    return k, k + len(needle)
+                hi = k + len(needle) - 1
+        return None
+
+    def _assemble(self, row: list[_Turn], tokens: Iterator, ids_of: Iterator):
+        """(ids, labels, boundary_merge) of one row: its prompt tokenized as one text (the tokens
+        inference feeds), then its last answer tokenized alone (as generation produces it).
+        `tokens` and `ids_of` give the row's tokenized texts in encode_conversations' order."""
+        last = row[-1]
+        prompt_ids, offsets = next(tokens) if len(row) > 1 else (next(ids_of), [])
+        answer_ids, answer_offsets = next(tokens)
+        before, after, both = next(ids_of), next(ids_of), next(ids_of)
+        labels = [IGNORE_INDEX] * len(prompt_ids)
+        merged = False
+        for turn in row[:-1]:  # earlier answers, supervised where their characters fall
+            start, end = len(turn.prompt), len(turn.prompt) + turn.produced
+            for k, (s, e) in enumerate(offsets):
+                if start <= s < end:
+                    labels[k] = prompt_ids[k]
+                merged |= s < start < e or s < end < e
+        n = sum(1 for s, _ in answer_offsets if s < last.produced)
+        output = answer_ids[:n]
+        if not last.marked and self.tokenizer.eos_token_id is not None:
+            output = output + [self.tokenizer.eos_token_id]  # no end marker: teach EOS, where inference stops
+        ids = prompt_ids + output + answer_ids[n:]
+        labels += output + [IGNORE_INDEX] * (len(answer_ids) - n)
+        merged |= both != before + after
         with_prefix = self._with_prefix(ids)
-        labels = [IGNORE_INDEX] * (len(with_prefix) - len(ids)) + labels
-        return with_prefix, labels, boundary_merge
+        return with_prefix, [IGNORE_INDEX] * (len(with_prefix) - len(ids)) + labels, merged
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,6 +1007,9 @@ class DataReport:
     dropped_overlength: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
     boundary_merges: int = 0
+    split_conversations: int = (
+        0  # conversations trained as several rows (the template rewrites earlier turns)
+    )
     tokens: int = 0
     supervised_tokens: int = 0
     lengths: list[int] = field(default_factory=list)  # token length of each kept row (before truncation)
@@ -720,6 +1034,11 @@ class DataReport:
             s += f"; dropped {len(self.dropped_overlength)} over max_seq_length (first: {self.dropped_overlength[0]})"
         if self.truncated:
             s += f"; truncated {len(self.truncated)} to max_seq_length"
+        if self.split_conversations:
+            s += (
+                f"; {self.split_conversations} conversations trained as one row per run of turns "
+                "(the chat template rewrites earlier turns)"
+            )
         return s
 
 
@@ -728,7 +1047,8 @@ _WORKER_CHAT: ChatFormat | None = None  # the ChatFormat a forked worker inherit
 
 
 def _encode_chunk(job: tuple[list[Sample], bool]) -> list:
-    """(ids, labels, boundary_merge) or the LorakitError of each sample of a chunk."""
+    """The training rows ((ids, labels, boundary_merge) each) or the LorakitError of each sample
+    of a chunk."""
     chunk, last_only = job
     chat = _WORKER_CHAT
     results = iter(chat.encode_conversations([s.messages for s in chunk if s.text is None], last_only))
@@ -738,7 +1058,7 @@ def _encode_chunk(job: tuple[list[Sample], bool]) -> list:
             out.append(next(results))
             continue
         try:
-            out.append((*chat.encode_text(s.text), False))
+            out.append([(*chat.encode_text(s.text), False)])
         except LorakitError as e:
             out.append(e)
     return out
@@ -790,9 +1110,7 @@ def encode_samples(
         try:
             if isinstance(result, LorakitError):
                 raise result
-            ids, labels, merged = result
-            report.boundary_merges += merged
-            if all(label == IGNORE_INDEX for label in labels):
+            if any(all(label == IGNORE_INDEX for label in labels) for _, labels, _ in result):
                 raise LorakitError("no supervised token after rendering (the template dropped the answer)")
         except LorakitError as e:
             msg = str(e) if str(e).startswith(s.where) else f"{s.where}: {e}"
@@ -800,11 +1118,14 @@ def encode_samples(
                 raise LorakitError(msg) from None
             report.skipped.append(msg)
             continue
-        row = fit_length(
-            {"input_ids": ids, "labels": labels, "source": s.where}, max_seq_length, overlength, report
-        )
-        if row is not None:
-            examples.append(row)
+        report.split_conversations += len(result) > 1
+        for ids, labels, merged in result:
+            report.boundary_merges += merged
+            row = fit_length(
+                {"input_ids": ids, "labels": labels, "source": s.where}, max_seq_length, overlength, report
+            )
+            if row is not None:
+                examples.append(row)
     return examples
 
 
@@ -977,6 +1298,7 @@ class _EncodedChunk:
     n_tokens: Any  # np.ndarray[int64]
     supervised: Any  # np.ndarray[int64]
     merged: Any  # np.ndarray[bool]
+    split: Any  # np.ndarray[bool]: the first row of a conversation trained as several rows
     over: dict[int, str]  # row (in this chunk) -> file:line, for rows over max_seq_length
     errors: list[tuple[int, str]]  # (place, message)
 
@@ -989,18 +1311,21 @@ def _encode_job(job: tuple) -> tuple[list, list]:
     name, start, chunk, last_only, max_seq_length, folder = job
     rows, facts, errors = [], [], []
     for k, (s, result) in enumerate(zip(chunk, _encode_chunk((chunk, last_only)))):
-        if not isinstance(result, LorakitError) and all(t == IGNORE_INDEX for t in result[1]):
+        if not isinstance(result, LorakitError) and any(
+            all(t == IGNORE_INDEX for t in labels) for _, labels, _ in result
+        ):
             result = LorakitError("no supervised token after rendering (the template dropped the answer)")
         if isinstance(result, LorakitError):
             errors.append(
                 (start + k, str(result) if str(result).startswith(s.where) else f"{s.where}: {result}")
             )
             continue
-        ids, labels, merged = result
-        within = labels[:max_seq_length]
-        over = s.where if len(ids) > max_seq_length else ""
-        facts.append((start + k, len(ids), len(within) - within.count(IGNORE_INDEX), merged, over))
-        rows.append({"input_ids": ids, "labels": labels, "source": s.where})
+        for j, (ids, labels, merged) in enumerate(result):  # several rows: see ChatFormat._rows
+            within = labels[:max_seq_length]
+            over = s.where if len(ids) > max_seq_length else ""
+            split = j == 0 and len(result) > 1
+            facts.append((start + k, len(ids), len(within) - within.count(IGNORE_INDEX), merged, over, split))
+            rows.append({"input_ids": ids, "labels": labels, "source": s.where})
     datacache.write_rows(folder, name, rows)
     return facts, errors
 
@@ -1008,7 +1333,7 @@ def _encode_job(job: tuple) -> tuple[list, list]:
 def _chunk_of(name: str, facts: list, errors: list) -> _EncodedChunk:
     import numpy as np
 
-    cols = list(zip(*facts)) or [(), (), (), (), ()]
+    cols = list(zip(*facts)) or [()] * 6
     over = {j: where for j, where in enumerate(cols[4]) if where}
     return _EncodedChunk(
         name,
@@ -1016,6 +1341,7 @@ def _chunk_of(name: str, facts: list, errors: list) -> _EncodedChunk:
         np.asarray(cols[1], dtype=np.int64),
         np.asarray(cols[2], dtype=np.int64),
         np.asarray(cols[3], dtype=bool),
+        np.asarray(cols[5], dtype=bool),
         over,
         errors,
     )
@@ -1093,8 +1419,9 @@ def _encode_stream(
                 "raise --max_seq_length or use --overlength drop|truncate"
             )
         chunks.append(_chunk_of(name, facts, errors))
-        count += len(facts) + len(errors)
-        progress.add_rows(len(facts) + len(errors))
+        samples_done = len({f[0] for f in facts}) + len(errors)
+        count += samples_done
+        progress.add_rows(samples_done)
     return chunks, count
 
 
@@ -1117,6 +1444,7 @@ def _policy_parts(
         report.tokens += int(np.minimum(c.n_tokens[kept], max_seq_length).sum())
         report.supervised_tokens += int(c.supervised[kept].sum())
         report.boundary_merges += int(c.merged[sel].sum())
+        report.split_conversations += int(c.split[sel].sum())
         report.skipped += [msg for place, msg in c.errors if selected[place]]
         parts.append((c.name, np.where(kept, np.minimum(c.n_tokens, max_seq_length), 0)))
     return parts

@@ -25,7 +25,7 @@ from typing import Any
 
 from .io import atomic_write_json
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 2: memory-mapped sources and split digests; 3: rows built from the inference prompt
 
 
 def cache_dir() -> Path:
@@ -62,6 +62,7 @@ def cache_key(cfg: Any, chat: Any, max_seq_length: int, train_on: str, data_file
         "tokenizer": hashlib.sha256(backend.to_str().encode()).hexdigest() if backend else type(tok).__name__,
         "vocab": hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest(),
         "chat_template": tok.chat_template,
+        "template_variables": getattr(chat, "variables", {}),  # e.g. today's date, for Llama 3.2
         "special": [sorted(chat.special_ids), chat.prefix_ids, tok.eos_token_id, chat.end_of_turn_id],
         "system_prompt": cfg.system_prompt or "",
         "dataset_format": cfg.dataset_format,

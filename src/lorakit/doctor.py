@@ -86,6 +86,7 @@ def check(cfg: DataCheckConfig) -> dict:
         "length_percentiles": {f"p{q}": percentile(ordered, q, ordered=True) for q in (50, 90, 95, 99)}
         | {"max": max(lengths)},
         "boundary_merges": report.boundary_merges,
+        "split_conversations": report.split_conversations,
         "chat_template": "ChatML fallback (the tokenizer has none)"
         if chat.fallback
         else "the tokenizer's own",
@@ -125,6 +126,11 @@ def _print_check(r: dict, preview: list[dict], tokenizer) -> None:
     if r["boundary_merges"]:
         t.add_row(
             "token merges across turns", f"{r['boundary_merges']} rows (trained as inference sees them)"
+        )
+    if r["split_conversations"]:
+        t.add_row(
+            "conversations split into rows",
+            f"{r['split_conversations']} (the chat template rewrites earlier turns: one row per run of turns)",
         )
     rec = r["recommended"]
     t.add_row(
