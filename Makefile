@@ -1,4 +1,5 @@
 # Two entry points: `make demo` and `make test`. Both install into .venv first.
+# `make test-export` also compiles llama-cpp-python and runs the GGUF files in llama.cpp.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -6,20 +7,24 @@ PY     := $(VENV)/bin/python
 # pyproject.toml keeps normal ranges.
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-# The real chat templates tests/test_templates.py checks the loss mask against (llama.cpp's
-# models/templates, from the llama-cpp-python source package on PyPI; only those files are kept).
-# The test looks here (or in $$LORAKIT_TEMPLATE_CORPUS).
-TEMPLATES := .cache/chat-templates
+# llama.cpp's source tree, from the llama-cpp-python source package: its converters and real chat
+# templates (models/templates) are the references of the GGUF and template tests
+# (tests/conftest.py llama_cpp_tree, tests/test_templates.py),
+# and test-export compiles the same package. Downloaded once into lorakit's cache directory; a
+# LORAKIT_LLAMA_CPP given from outside is used as it is. Only the test targets see it: lorakit's
+# export reads the same variable.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_CPP_CACHE  ?= $(or $(LORAKIT_HOME),$(HOME)/.cache/lorakit)
+LLAMA_CPP_SDIST  := $(LLAMA_CPP_CACHE)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+LLAMA_CPP_TREE   := $(LLAMA_CPP_CACHE)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+LLAMA_CPP_DIR    := $(or $(LORAKIT_LLAMA_CPP),$(LLAMA_CPP_TREE))
+# CPU only, the library alone (no tests, examples, server or multimodal library)
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: install templates demo test test-quick lint clean
+.PHONY: install demo test test-quick test-export llama-cpp-python lint clean
 
 install: $(VENV)/.installed
-
-templates: $(TEMPLATES)/.fetched
-
-$(TEMPLATES)/.fetched: scripts/fetch_chat_templates.py | $(VENV)/.installed
-	$(PY) scripts/fetch_chat_templates.py --dest $(TEMPLATES)
-	touch $@
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,15 +39,35 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/lorakit demo
 
-test: install templates
-	$(PY) -m pytest
+test: install $(LLAMA_CPP_DIR)/convert_hf_to_gguf.py
+	LORAKIT_LLAMA_CPP=$(LLAMA_CPP_DIR) $(PY) -m pytest
 
-test-quick: install templates
-	$(PY) -m pytest -m "not slow"
+test-quick: install $(LLAMA_CPP_DIR)/convert_hf_to_gguf.py
+	LORAKIT_LLAMA_CPP=$(LLAMA_CPP_DIR) $(PY) -m pytest -m "not slow"
+
+# llama.cpp runs every family's GGUF files (tests/test_llama_cpp.py), beside the converter tests.
+test-export: install llama-cpp-python $(LLAMA_CPP_DIR)/convert_hf_to_gguf.py
+	LORAKIT_LLAMA_CPP=$(LLAMA_CPP_DIR) $(PY) -m pytest tests/test_llama_cpp.py tests/test_families.py \
+		tests/test_export.py
+
+$(LLAMA_CPP_SDIST): | $(VENV)/.installed
+	mkdir -p $(@D)
+	$(PY) -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(@D)
+
+$(LLAMA_CPP_TREE)/convert_hf_to_gguf.py: $(LLAMA_CPP_SDIST)
+	tar -xzf $< -C $(LLAMA_CPP_CACHE)
+	touch $@
+
+# Compiled from the source package: ~15 minutes on 2 cores, once (skipped when it is installed).
+llama-cpp-python: $(LLAMA_CPP_SDIST) | $(VENV)/.installed
+	@$(PY) -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$(LLAMA_CPP_PYTHON)')" 2>/dev/null || { \
+		echo "compiling llama-cpp-python $(LLAMA_CPP_PYTHON) for CPU (~15 minutes on 2 cores)"; \
+		CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) $(LLAMA_CPP_SDIST); }
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .cache
+	rm -rf $(VENV) outputs .pytest_cache

@@ -300,12 +300,50 @@ FAMILIES = [
 ]
 
 
+def random_lora_and_merge(base: Path, out: Path) -> tuple[Path, Path]:
+    """A PEFT LoRA (r=4) on every linear layer of `base` with visibly non-zero B matrices, saved
+    to out/adapter, and lorakit's fp32 merge of it in out/merged: (adapter dir, merged dir)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.config import MergeConfig
+    from lorakit.merge import merge
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, lora)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero: the merged model must differ from the base
+            torch.nn.init.normal_(p, std=0.05)
+    peft_model.save_pretrained(out / "adapter")
+    merged = merge(MergeConfig(adapter=str(out / "adapter"), output_dir=str(out / "merged"), dtype="fp32"))
+    return out / "adapter", merged
+
+
 def llama_cpp_tree() -> Path:
     """llama.cpp's source tree (converters, gguf-py, models/templates): $LORAKIT_LLAMA_CPP, which
-    .ci/run sets from the llama-cpp-python source package; the test is skipped without it."""
+    `make test` sets from the llama-cpp-python source package; the test is skipped without it."""
     import os
 
     where = os.environ.get("LORAKIT_LLAMA_CPP", "")
     if not where or not (Path(where) / "convert_hf_to_gguf.py").is_file():
         pytest.skip("LORAKIT_LLAMA_CPP does not name a llama.cpp source tree")
     return Path(where)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The max |logit difference| each llama.cpp test recorded (test_llama_cpp.py), one per line."""
+    lines = [
+        f"{report.nodeid.split('::')[-1]}: {value:.3g}"
+        for outcome in ("passed", "failed")
+        for report in terminalreporter.stats.get(outcome, [])
+        if report.when == "call"
+        for key, value in report.user_properties
+        if key == "max_abs_logit_diff"
+    ]
+    if lines:
+        terminalreporter.section("llama.cpp vs transformers/PEFT: max |logit difference|")
+        for line in lines:
+            terminalreporter.write_line(line)

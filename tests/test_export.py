@@ -280,6 +280,7 @@ def test_export_all(adapter, tmp_path, capsys):
     assert "ollama create" in capsys.readouterr().out
 
 
+@pytest.mark.llama_cpp
 def test_llama_cpp_matches_transformers(merged, tmp_path):
     llama_cpp = pytest.importorskip(
         "llama_cpp",
@@ -298,6 +299,7 @@ def test_llama_cpp_matches_transformers(merged, tmp_path):
     assert np.abs(got - want).max() < 1e-4
 
 
+@pytest.mark.llama_cpp
 def test_llama_cpp_base_plus_lora_matches_peft(adapter, tiny_llama, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     from peft import PeftModel

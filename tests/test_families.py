@@ -20,12 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit.config import MergeConfig
 from lorakit.export import write_gguf, write_lora_gguf
 from lorakit.families import llama3_rope_freqs
-from lorakit.merge import merge
 
-from .conftest import assemble_rows, llama_cpp_tree, tiny_train_config, write_jsonl
+from .conftest import assemble_rows, llama_cpp_tree, random_lora_and_merge, tiny_train_config, write_jsonl
 from .test_export import read_gguf, tensor_values
 
 # tiny_qwen2 is left out of the converter comparison: transformers 5 loads the SmolLM2 tokenizer
@@ -56,22 +54,10 @@ def run_converter(script: str, *args: str) -> None:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
-    """(base dir, random PEFT adapter dir, lorakit-merged dir) of one family."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
+    """(name, base dir, random PEFT adapter dir, lorakit-merged dir) of one family."""
     base = request.getfixturevalue(request.param)
-    tmp = tmp_path_factory.mktemp(request.param)
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    peft_model = get_peft_model(model, lora)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:  # visible deltas: the merged model must differ from the base
-            torch.nn.init.normal_(p, std=0.05)
-    peft_model.save_pretrained(tmp / "adapter")
-    merged = merge(MergeConfig(adapter=str(tmp / "adapter"), output_dir=str(tmp / "merged"), dtype="fp32"))
-    return request.param, base, tmp / "adapter", merged
+    adapter, merged = random_lora_and_merge(base, tmp_path_factory.mktemp(request.param))
+    return request.param, base, adapter, merged
 
 
 def test_merged_logits_equal_base_plus_adapter(family):

@@ -1,5 +1,5 @@
 """Every real chat template of llama.cpp's corpus (70 models' templates, from the llama-cpp-python
-0.3.36 source package; `make templates` fetches them) either encodes with a verified mask or is
+0.3.36 source package, which `make test` fetches) either encodes with a verified mask or is
 refused with one line.
 
 Each template runs with the SmolLM2 tokenizer, to which the control tokens the template writes
@@ -30,7 +30,7 @@ from lorakit.errors import LorakitError
 
 CORPUS_ENV = "LORAKIT_TEMPLATE_CORPUS"  # a directory of *.jinja templates
 SKIP_ENV = "LORAKIT_ALLOW_NO_TEMPLATES"  # "1": skip (not fail) where the corpus is missing
-DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / ".cache" / "chat-templates"
+LLAMA_CPP_ENV = "LORAKIT_LLAMA_CPP"  # else: llama.cpp's source tree, whose models/templates is the corpus
 
 # Control-token literals as chat templates write them.
 CONTROL = re.compile(
@@ -58,7 +58,14 @@ CONVERSATIONS = {
 
 
 def corpus_dir() -> Path | None:
-    path = Path(os.environ.get(CORPUS_ENV) or DEFAULT_CORPUS)
+    """The corpus: $LORAKIT_TEMPLATE_CORPUS, or llama.cpp's models/templates in the source tree
+    that `make test` fetches (from the llama-cpp-python source package) and names in $LORAKIT_LLAMA_CPP."""
+    if os.environ.get(CORPUS_ENV):
+        path = Path(os.environ[CORPUS_ENV])
+    elif os.environ.get(LLAMA_CPP_ENV):
+        path = Path(os.environ[LLAMA_CPP_ENV]) / "models" / "templates"
+    else:
+        return None
     return path if any(path.glob("*.jinja")) else None
 
 
@@ -66,8 +73,13 @@ def corpus() -> list[Path]:
     path = corpus_dir()
     if path is None:
         if os.environ.get(SKIP_ENV) == "1":
-            pytest.skip(f"no chat template corpus at {DEFAULT_CORPUS} or ${CORPUS_ENV} ({SKIP_ENV}=1)")
-        pytest.fail(f"no chat template corpus at {DEFAULT_CORPUS}: run `make templates` or set ${CORPUS_ENV}")
+            pytest.skip(
+                f"no chat template corpus in ${CORPUS_ENV} or ${LLAMA_CPP_ENV}/models/templates ({SKIP_ENV}=1)"
+            )
+        pytest.fail(
+            f"no chat template corpus: run `make test` (it fetches llama.cpp's source) or set ${LLAMA_CPP_ENV} "
+            f"or ${CORPUS_ENV}"
+        )
     return sorted(path.glob("*.jinja"))
 
 
