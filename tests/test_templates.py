@@ -339,3 +339,27 @@ if __name__ == "__main__":
     base = AutoTokenizer.from_pretrained(resolve_base_model("").path)
     for name, r in tally(base).items():
         print(f"| {name} | " + " | ".join(r[k] for k in CONVERSATIONS) + " |")
+
+
+def test_the_direct_render_equals_apply_chat_template(smol_tokenizer):
+    """ChatFormat renders through the compiled template directly (the fast path) only where it
+    gives apply_chat_template's text: checked here on every prefix of every test conversation,
+    with and without the generation prompt, for the whole corpus."""
+    fast = 0
+    for path in corpus():
+        tok = tokenizer_for(smol_tokenizer, path.read_text(encoding="utf-8"))
+        chat = ChatFormat(tok)
+        fast += chat._direct is not None
+        for msgs in CONVERSATIONS.values():
+            msgs = chat._fold_system(msgs) if chat.system_folded else msgs
+            for n, gen in [(n, gen) for n in range(1, len(msgs) + 1) for gen in (False, True)]:
+                try:
+                    expected = tok.apply_chat_template(
+                        msgs[:n], tokenize=False, add_generation_prompt=gen, **chat.variables
+                    )
+                except Exception:  # some templates refuse some prefixes (no user turn yet, ...)
+                    with pytest.raises(LorakitError):
+                        chat._apply(msgs[:n], gen, chat.variables)
+                    continue
+                assert chat._apply(msgs[:n], gen, chat.variables) == expected, (path.name, n, gen)
+    assert fast == len(corpus())  # every real template of the corpus takes the fast path

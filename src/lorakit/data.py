@@ -585,7 +585,9 @@ class ChatFormat:
             {tokenizer.convert_ids_to_tokens(i) for i in self.special_ids}, key=len, reverse=True
         )
         self._special_re = re.compile("|".join(re.escape(t) for t in self.special_texts if t) or "(?!)")
+        self._direct = None
         self.variables = self._template_variables()
+        self._direct = self._direct_renderer()
         self.system_folded = not self._has_system_role()
         if self.system_folded:
             say(
@@ -611,12 +613,55 @@ class ChatFormat:
 
     def _apply(self, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
         try:
+            if self._direct is not None and variables is self.variables:
+                return self._direct(messages, add_generation_prompt)
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt, **variables
             )
         except self._template_errors as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise LorakitError(f"the chat template cannot render this conversation: {reason}") from None
+
+    def _direct_renderer(self) -> Callable[[list[dict], bool], str] | None:
+        """The compiled template called directly, with what apply_chat_template passes it for
+        plain {role, content} messages: its per-call conversion of the messages, tools and
+        special tokens is over half the cost of a render, and a conversation is rendered at
+        least twice. Used only where it renders probe conversations exactly as
+        apply_chat_template does (else None: every render goes through apply_chat_template)."""
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.tokenizer.chat_template)
+        except Exception:  # a private helper of transformers: gone or changed means not used
+            return None
+        context = {**self.tokenizer.special_tokens_map, **self.variables}
+        tools = context.pop("tools", None)
+
+        def render(messages: list[dict], add_generation_prompt: bool) -> str:
+            copies = [dict(m) for m in messages]  # a template may change what it is given
+            return compiled.render(
+                messages=copies,
+                tools=tools,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **context,
+            )
+
+        def outcome(fn, msgs, gen):
+            try:
+                return fn(msgs, gen)
+            except Exception as e:  # both ways must fail alike
+                return type(e)
+
+        def apply(msgs, gen):
+            return self.tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=gen, **self.variables
+            )
+
+        turns = [{"role": "user", "content": "Hi 1"}, {"role": "assistant", "content": " yo\n"}]
+        probes = [turns[:1], [{"role": "system", "content": "S"}, *turns], turns + turns, turns]
+        same = all(outcome(render, m, g) == outcome(apply, m, g) for m in probes for g in (False, True))
+        return render if same else None
 
     def _template_variables(self) -> dict[str, Any]:
         """Variables passed to every rendering. A template that reads today's date both from
@@ -724,9 +769,10 @@ class ChatFormat:
     def _ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens added (no offsets: cheaper)."""
         if getattr(self, "batched", False):
-            return [
-                e.ids for e in self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-            ]
+            backend = self.tokenizer.backend_tokenizer
+            # encode_batch_fast (tokenizers >= 0.20) skips the character offsets: ~15% less work
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
         return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
     def _encode(self, text: str) -> list[int]:
