@@ -66,15 +66,13 @@ CONVERSATIONS = [
 
 
 def jinja_prompts(tok, conversations):
-    """The chat template's prompts (generation prompt on), without the BOS the runtime adds; a
-    conversation the template refuses (a system message for Gemma 2) is left out."""
+    """The chat template's prompts (generation prompt on) as training and inference render them
+    (a system prompt in the first user turn where the template has no system role: Gemma 2),
+    without the BOS the runtime adds."""
     chat = ChatFormat(tok)
     out = []
     for conversation in conversations:
-        try:
-            text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        except Exception:
-            continue
+        text = chat.render(conversation, add_generation_prompt=True)
         if chat.template_writes_bos and chat.prefix_ids:
             text = text.removeprefix(tok.bos_token)
         out.append((conversation, text))

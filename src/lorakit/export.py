@@ -357,13 +357,15 @@ class ChatBlocks:
 def chat_blocks(tokenizer) -> ChatBlocks:
     from .data import ChatFormat
 
+    # Rendered as training and inference render: with the same template variables, and a system
+    # prompt folded into the first user turn where the template has no system role (Gemma 2).
+    chat = ChatFormat(tokenizer)
+
     def render(msgs):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return chat.render(msgs, add_generation_prompt=True)
 
     def render_ended(msgs):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
-
-    chat = ChatFormat(tokenizer)
+        return chat.render(msgs, add_generation_prompt=False)
     user, asst, user2 = (
         {"role": r, "content": c} for r, c in (("user", _U), ("assistant", _A), ("user", _U2))
     )
