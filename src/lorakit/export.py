@@ -366,6 +366,7 @@ def chat_blocks(tokenizer) -> ChatBlocks:
 
     def render_ended(msgs):
         return chat.render(msgs, add_generation_prompt=False)
+
     user, asst, user2 = (
         {"role": r, "content": c} for r, c in (("user", _U), ("assistant", _A), ("user", _U2))
     )
