@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import subprocess
@@ -37,15 +38,18 @@ def write_rows(path: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps({"instruction": f"{prompt} ({i})", "input": "", "output": output}) + "\n")
 
 
-def timed(argv: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MiB, output) of a command, through GNU time."""
+def timed(argv: list[str]) -> tuple[float, float, str, float]:
+    """(wall seconds, peak RSS in MiB, output, CPU seconds of the process and its workers) of a
+    command, through GNU time. The CPU time says what the machine's other load hid: on a quiet
+    2-core machine the wall time approaches CPU / 2."""
     start = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1024
-    return wall, rss, proc.stdout
+    cpu = sum(float(m) for m in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", proc.stderr))
+    return wall, rss, proc.stdout, cpu
 
 
 def main() -> None:
@@ -59,14 +63,26 @@ def main() -> None:
     lorakit = [sys.executable, "-m", "lorakit"]
     subprocess.run([*lorakit, "data", "cache", "--clear"], check=True, capture_output=True)
     check = [*lorakit, "data", "check", str(data), "--max_seq_length", "2048", "--preview", "0"]
-    baseline, base_rss, _ = timed([sys.executable, "-c", "import lorakit.doctor, lorakit.models, transformers"])
-    first, first_rss, out = timed(check)
-    second, second_rss, _ = timed(check)
+    baseline, base_rss, _, _ = timed(
+        [sys.executable, "-c", "import lorakit.doctor, lorakit.models, transformers"]
+    )
+    load = os.getloadavg()[0]
+    first, first_rss, out, first_cpu = timed(check)
+    second, second_rss, _, second_cpu = timed(check)
     p50 = re.search(r"p50 (\d+)", out)
-    print(f"rows: {args.rows:,} (median {p50.group(1) if p50 else '?'} tokens), file {data.stat().st_size / 2**20:.0f} MiB")
+    print(
+        f"rows: {args.rows:,} (median {p50.group(1) if p50 else '?'} tokens), file {data.stat().st_size / 2**20:.0f} MiB"
+    )
     print(f"start-up alone (imports): {baseline:.1f} s, {base_rss:.0f} MiB")
-    print(f"first run (encode + cache): {first:.1f} s, {args.rows / first:,.0f} rows/s, peak RSS {first_rss:.0f} MiB")
-    print(f"second run (cache hit):     {second:.1f} s, {args.rows / second:,.0f} rows/s, peak RSS {second_rss:.0f} MiB")
+    print(f"machine load before the runs (1-minute average): {load:.1f} on {os.cpu_count()} cores")
+    print(
+        f"first run (encode + cache): {first:.1f} s, {args.rows / first:,.0f} rows/s, peak RSS {first_rss:.0f} MiB, "
+        f"CPU {first_cpu:.1f} s"
+    )
+    print(
+        f"second run (cache hit):     {second:.1f} s, {args.rows / second:,.0f} rows/s, peak RSS {second_rss:.0f} MiB, "
+        f"CPU {second_cpu:.1f} s"
+    )
     print(f"cached / first: {second / first:.2f}x the time")
     if not args.keep:
         data.unlink()
