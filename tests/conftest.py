@@ -212,21 +212,48 @@ def _save_family(path: Path, config, tokenizer, spm_model: Path | None = None) -
     return path
 
 
+# Llama 3.1's published RoPE scaling (rope_type llama3).
+LLAMA31_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
+# What `lorakit export all --quant q8_0` writes.
+EXPORT_ALL_FILES = (
+    "merged/config.json",
+    "model-q8_0.gguf",
+    "adapter.gguf",
+    "Modelfile",
+    "vllm.sh",
+    "README.md",
+)
+
+
+def conversations_of(text):
+    """Hypothesis: conversations of 1-3 user/assistant turns, with or without a system prompt,
+    their contents drawn from the `text` strategy."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def conversations(draw):
+        msgs = [{"role": "system", "content": draw(text)}] if draw(st.booleans()) else []
+        for _ in range(draw(st.integers(1, 3))):
+            msgs += [{"role": "user", "content": draw(text)}, {"role": "assistant", "content": draw(text)}]
+        return msgs
+
+    return conversations()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama31(tmp_path_factory, smol_tokenizer) -> Path:
     """Llama 3.1-style RoPE scaling (rope_type llama3): llama.cpp needs the rope_freqs tensor."""
     from transformers import LlamaConfig
 
     shape = _tiny_shape(smol_tokenizer) | dict(hidden_size=64, num_attention_heads=4)  # head_dim 16
-    rope = dict(
-        rope_type="llama3",
-        rope_theta=500000.0,
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    )
-    cfg = LlamaConfig(**shape, rope_parameters=rope, bos_token_id=smol_tokenizer.bos_token_id)
+    cfg = LlamaConfig(**shape, rope_parameters=dict(LLAMA31_ROPE), bos_token_id=smol_tokenizer.bos_token_id)
     return _save_family(tmp_path_factory.mktemp("tiny-llama31"), cfg, smol_tokenizer)
 
 

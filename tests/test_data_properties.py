@@ -7,18 +7,16 @@ from hypothesis import strategies as st
 
 from lorakit.data import IGNORE_INDEX, ChatFormat, Collator
 
+from .conftest import conversations_of
+
 SPECIALS = ("<|", "|>", "<repo", "<file", "<issue", "<jupyter", "<empty", "<gh_", "<filename", "<reponame")
 text = st.text(
     st.characters(blacklist_categories=("Cs", "Cc")) | st.sampled_from(list("\n\t ")), min_size=1, max_size=30
 ).filter(lambda s: s.strip() and not any(t in s for t in SPECIALS))
 
 
-@st.composite
-def conversations(draw):
-    msgs = [{"role": "system", "content": draw(text)}] if draw(st.booleans()) else []
-    for _ in range(draw(st.integers(1, 3))):
-        msgs += [{"role": "user", "content": draw(text)}, {"role": "assistant", "content": draw(text)}]
-    return msgs
+def conversations():
+    return conversations_of(text)
 
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -13,7 +13,7 @@ from lorakit.export import _permute_rotary, vllm_command, write_gguf, write_lora
 from lorakit.merge import merge
 from lorakit.train import train
 
-from .conftest import assemble_rows, write_jsonl
+from .conftest import EXPORT_ALL_FILES, assemble_rows, write_jsonl
 
 ROWS = assemble_rows(32)
 
@@ -268,14 +268,7 @@ def test_export_all(adapter, tmp_path, capsys):
     assert (
         main(["export", "all", "--adapter", str(adapter), "--output_dir", str(out), "--quant", "q8_0"]) == 0
     )
-    for name in (
-        "merged/config.json",
-        "model-q8_0.gguf",
-        "adapter.gguf",
-        "Modelfile",
-        "vllm.sh",
-        "README.md",
-    ):
+    for name in EXPORT_ALL_FILES:
         assert (out / name).is_file(), name
     assert "ollama create" in capsys.readouterr().out
 

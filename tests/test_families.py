@@ -23,7 +23,15 @@ import torch
 from lorakit.export import write_gguf, write_lora_gguf
 from lorakit.families import llama3_rope_freqs
 
-from .conftest import assemble_rows, llama_cpp_tree, random_lora_and_merge, tiny_train_config, write_jsonl
+from .conftest import (
+    EXPORT_ALL_FILES,
+    LLAMA31_ROPE,
+    assemble_rows,
+    llama_cpp_tree,
+    random_lora_and_merge,
+    tiny_train_config,
+    write_jsonl,
+)
 from .test_export import read_gguf, tensor_values
 
 # tiny_qwen2 is left out of the converter comparison: transformers 5 loads the SmolLM2 tokenizer
@@ -144,18 +152,7 @@ def test_lora_gguf_equals_llama_cpp_converter(family, tmp_path):
 def test_llama3_rope_freqs_golden():
     """Llama 3.1's published scaling (factor 8, low 1, high 4, 8192 original context), head_dim 128:
     short wavelengths keep factor 1, long ones get 8, the band between a smooth ramp."""
-    h = dict(
-        hidden_size=4096,
-        num_attention_heads=32,
-        rope_parameters=dict(
-            rope_type="llama3",
-            rope_theta=500000.0,
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=8192,
-        ),
-    )
+    h = dict(hidden_size=4096, num_attention_heads=32, rope_parameters=dict(LLAMA31_ROPE))
     freqs = llama3_rope_freqs(h)["ROPE_FREQS"]
     assert freqs.shape == (64,) and freqs.dtype == np.float32
     assert freqs[0] == 1.0 and freqs[-1] == 8.0
@@ -177,14 +174,7 @@ def test_train_then_export_all(request, tmp_path, fixture):
     assert (
         main(["export", "all", "--adapter", str(adapter), "--output_dir", str(out), "--quant", "q8_0"]) == 0
     )
-    for name in (
-        "merged/config.json",
-        "model-q8_0.gguf",
-        "adapter.gguf",
-        "Modelfile",
-        "vllm.sh",
-        "README.md",
-    ):
+    for name in EXPORT_ALL_FILES:
         assert (out / name).is_file(), name
     assert "Not written" not in (out / "README.md").read_text()
     assert (out / "Modelfile").read_text().startswith("FROM ./model-q8_0.gguf\n")

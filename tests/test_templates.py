@@ -28,6 +28,8 @@ from hypothesis import strategies as st
 from lorakit.data import IGNORE_INDEX, ChatFormat
 from lorakit.errors import LorakitError
 
+from .conftest import conversations_of
+
 CORPUS_ENV = "LORAKIT_TEMPLATE_CORPUS"  # a directory of *.jinja templates
 SKIP_ENV = "LORAKIT_ALLOW_NO_TEMPLATES"  # "1": skip (not fail) where the corpus is missing
 LLAMA_CPP_ENV = "LORAKIT_LLAMA_CPP"  # else: llama.cpp's source tree, whose models/templates is the corpus
@@ -299,12 +301,8 @@ text = st.text(
 ).filter(lambda s: s.strip())
 
 
-@st.composite
-def conversations(draw):
-    msgs = [{"role": "system", "content": draw(text)}] if draw(st.booleans()) else []
-    for _ in range(draw(st.integers(1, 3))):
-        msgs += [{"role": "user", "content": draw(text)}, {"role": "assistant", "content": draw(text)}]
-    return msgs
+def conversations():
+    return conversations_of(text)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
