@@ -652,6 +652,11 @@ class ServeConfig(ModelArgs, PromptArgs, SamplingArgs):
         "Requests waiting for a place in the batch; more: HTTP 429 with Retry-After.",
         check=NON_NEGATIVE,
     )
+    threads: int = opt(
+        0,
+        "CPU threads for generation (0 = torch's default, one per core; 1 suits a busy machine).",
+        check=NON_NEGATIVE,
+    )
 
 
 @dataclass

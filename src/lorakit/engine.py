@@ -1,8 +1,9 @@
 """Batched generation for `lorakit serve`: concurrent requests decoded together, each with its own
 adapter, in one forward pass per token (continuous batching on transformers + PEFT).
 
-- A request is prefilled alone, without padding: the forward pass it would get if it were the only
-  one. Its rows (one per `n`) then join the running batch between two decode steps.
+- New requests are prefilled together, right-padded (a prompt token never attends to padding, and
+  each request keeps only its own part of the cache). Their rows (one per `n`) then join the
+  running batch between two decode steps.
 - The batch's KV cache is a transformers DynamicCache whose rows are left-padded to a common width;
   a 2D padding mask hides the padding and each row gets its own position ids, so a row attends to
   exactly the keys it would see alone. PEFT's `adapter_names=` applies each row's adapter
@@ -184,12 +185,16 @@ class BatchEngine:
         max_rows: int = 8,
         max_queued: int = 32,
         peft: bool = False,
+        threads: int = 0,
+        prefill_tokens: int = 4096,
     ):
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, set(stop_ids)
-        self.max_rows, self.max_queued, self.peft = max_rows, max_queued, peft
+        self.max_rows, self.max_queued, self.peft, self.threads = max_rows, max_queued, peft, threads
+        self.prefill_tokens = prefill_tokens
         base = model.get_base_model() if peft else model
         params = inspect.signature(base.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        self._keeps_logits = "logits_to_keep" in params
         self.steps = 0  # decode steps run so far
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
@@ -236,6 +241,8 @@ class BatchEngine:
         import torch
 
         torch.set_grad_enabled(False)  # this thread only runs inference
+        if self.threads:
+            torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread
         while True:
             with self._cv:
                 while not self._closing and not self._queue and not self._rows:
@@ -267,47 +274,87 @@ class BatchEngine:
                     self._working = False
         self._shut_down()
 
-    def _forward(self, ids, mask, positions, cache, adapters: list[str]):
+    def _forward(self, ids, mask, positions, cache, adapters: list[str], last: list[int] | None = None):
+        """Logits [rows, vocab] at each row's position `last` (default: the final column)."""
+        import torch
+
         kwargs = {"adapter_names": adapters} if self.peft else {}
         kwargs[self._cache_kwarg] = cache
+        columns = sorted(set(last)) if last is not None else [ids.shape[1] - 1]
+        if self._keeps_logits:
+            # Logits of the needed positions only: a prefill would otherwise multiply every prompt
+            # position by the vocabulary matrix (for SmolLM2 as much work as the rest of the model).
+            kwargs["logits_to_keep"] = torch.tensor(columns, device=ids.device) if last is not None else 1
+        else:
+            columns = list(range(ids.shape[1]))
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
-        return out.logits[:, -1, :].float()
+        if last is None:
+            return out.logits[:, -1, :].float()
+        picked = torch.tensor([columns.index(c) for c in last], device=ids.device)
+        return out.logits[torch.arange(len(last), device=ids.device), picked].float()
 
     def _admit(self, jobs: list[Job]) -> None:
-        """Prefill each new job alone, take its first token, and join its rows to the batch."""
-        import torch
-        from transformers import DynamicCache
-
-        new_rows = []
+        """Prefill the new jobs, take each one's first token, and join their rows to the batch."""
+        live = [job for job in jobs if not job.cancelled]
         for job in jobs:
             if job.cancelled:
                 self._job_over(job, job.n)
-                continue
-            length = len(job.prompt)
-            cache = DynamicCache()  # plain full-attention layers: rows can be padded and merged
+        new_rows = []
+        for group in self._prefill_groups(live):
             try:
-                logits = self._forward(
-                    torch.tensor([job.prompt], device=self.model.device),
-                    torch.ones((1, length), dtype=torch.long, device=self.model.device),
-                    torch.arange(length, device=self.model.device)[None],
-                    cache,
-                    [job.adapter],
-                )
+                prefilled = self._prefill(group)
             except Exception as e:
                 traceback.print_exc(file=sys.stderr)
-                job.on_event(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
-                self._job_over(job, job.n)
+                for job in group:
+                    job.on_event(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
+                    self._job_over(job, job.n)
                 continue
-            kv = [(layer.keys, layer.values) for layer in cache.layers]
-            for index in range(job.n):
-                row = Row(job, index, self.tokenizer, kv, length)
-                self._accept(row, sample(logits[0], job.sampling, row.generator))
-                if row.reason is None:
-                    new_rows.append(row)
-                else:
-                    self._job_over(job, 1)
+            for job, (kv, logits) in zip(group, prefilled):
+                for index in range(job.n):
+                    row = Row(job, index, self.tokenizer, kv, len(job.prompt))
+                    self._accept(row, sample(logits, job.sampling, row.generator))
+                    if row.reason is None:
+                        new_rows.append(row)
+                    else:
+                        self._job_over(job, 1)
         if new_rows:
             self._join(new_rows)
+
+    def _prefill_groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """Jobs prefilled together, at most `prefill_tokens` padded prompt tokens per forward pass."""
+        groups: list[list[Job]] = []
+        for job in jobs:
+            if groups:
+                wide = max(len(j.prompt) for j in [*groups[-1], job])
+                if wide * (len(groups[-1]) + 1) <= self.prefill_tokens:
+                    groups[-1].append(job)
+                    continue
+            groups.append([job])
+        return groups
+
+    def _prefill(self, jobs: list[Job]) -> list[tuple[list, object]]:
+        """One forward pass over the prompts, right-padded: a prompt token never sees padding (the
+        padding comes after it), so no query row is fully masked. Returns, per job, its own cache
+        (padding cut off) and the logits at its last prompt token."""
+        import torch
+        from transformers import DynamicCache
+
+        device = self.model.device
+        lengths = [len(j.prompt) for j in jobs]
+        wide = max(lengths)
+        pad = next(iter(self.stop_ids))  # any id: padded positions are masked and then cut off
+        ids = torch.tensor([j.prompt + [pad] * (wide - len(j.prompt)) for j in jobs], device=device)
+        mask = torch.tensor([[1] * n + [0] * (wide - n) for n in lengths], device=device)
+        positions = torch.arange(wide, device=device)[None].expand(len(jobs), -1)
+        cache = DynamicCache()  # plain full-attention layers: rows can be padded and merged
+        logits = self._forward(
+            ids, mask, positions, cache, [j.adapter for j in jobs], [n - 1 for n in lengths]
+        )
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        return [
+            ([(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in layers], logits[i])
+            for i, n in enumerate(lengths)
+        ]
 
     def _join(self, new_rows: list[Row]) -> None:
         import torch

@@ -122,6 +122,7 @@ class Engine:
             max_rows=cfg.max_concurrent_requests,
             max_queued=cfg.max_queued_requests,
             peft=bool(adapters),
+            threads=cfg.threads,
         )
 
     def adapter(self, name: str) -> str:
@@ -556,6 +557,10 @@ def serve(cfg: ServeConfig, ready: threading.Event | None = None) -> None:
     import uvicorn
 
     api_key = cfg.api_key or os.environ.get("LORAKIT_API_KEY", "")
+    # A decode step is thousands of small operations: OpenMP workers that spin between them take
+    # the CPU from the thread with the work whenever the cores are shared (on a busy 2-core
+    # machine, 8 rows ran 10-20x slower). Read when torch loads, so only if it has not yet.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     engine = Engine(cfg)
     try:
         sock = _listen(cfg.host, cfg.port)
