@@ -134,14 +134,14 @@ class TextStream:
 class Row:
     """One choice being generated."""
 
-    def __init__(self, job: Job, index: int, tokenizer, kv, length: int):
+    def __init__(self, job: Job, index: int, tokenizer, kv, length: int, device):
         import torch
 
         self.job, self.index = job, index
         self.text = TextStream(tokenizer, job.sampling.stop)
         self.generator = None
-        if job.sampling.temperature > 0:
-            self.generator = torch.Generator()
+        if job.sampling.temperature > 0:  # its own generator: a seed gives the same answer in any batch
+            self.generator = torch.Generator(device=device)
             seed = job.sampling.seed
             if seed is None:
                 self.generator.seed()
@@ -311,7 +311,7 @@ class BatchEngine:
                 continue
             for job, (kv, logits) in zip(group, prefilled):
                 for index in range(job.n):
-                    row = Row(job, index, self.tokenizer, kv, len(job.prompt))
+                    row = Row(job, index, self.tokenizer, kv, len(job.prompt), self.model.device)
                     self._accept(row, sample(logits, job.sampling, row.generator))
                     if row.reason is None:
                         new_rows.append(row)

@@ -305,6 +305,9 @@ def parse_request(body: dict, chat: bool, engine: Engine) -> Parsed:
                 400, "prompt must be a non-empty string (lists of prompts are not supported)", "prompt"
             )
         prompt = engine.tokenizer(text)["input_ids"]
+    asked = body.get("max_completion_tokens", body.get("max_tokens")) is not None
+    if engine.context and not asked:  # the default never runs past the context
+        sampling.max_tokens = max(1, min(sampling.max_tokens, engine.context - len(prompt)))
     if engine.context and len(prompt) + sampling.max_tokens > engine.context:
         raise ApiError(
             400,
