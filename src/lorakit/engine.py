@@ -12,9 +12,10 @@ adapter, in one forward pass per token (continuous batching on transformers + PE
   or its request cancelled because the client went away); its request learns that it is over only
   once no row of it is generating, so a freed slot means the work really stopped.
 
-Written here rather than taken from transformers' own continuous batching, because that one runs
-a single adapter per batch; and rather than model.generate(), which cannot add or drop rows
-between steps. One thread owns the model; requests reach it through a bounded queue.
+Written here because model.generate() cannot add or drop rows between steps, and transformers'
+continuous-batching manager (transformers/generation/continuous_batching) never passes PEFT's
+`adapter_names`, so its batches cannot mix adapters. One thread owns the model; requests reach it
+through a bounded queue.
 """
 
 from __future__ import annotations
