@@ -10,7 +10,16 @@ import torch
 
 from lorakit.config import EvalConfig, TrainConfig
 from lorakit.data import load_rows, to_samples
-from lorakit.evaluate import chrf, evaluate, exact_match, rouge_l, score, token_f1
+from lorakit.evaluate import (
+    METRIC_DEFINITIONS,
+    chrf,
+    corpus_chrf,
+    evaluate,
+    exact_match,
+    rouge_l,
+    score,
+    token_f1,
+)
 
 from .conftest import write_jsonl
 
@@ -27,6 +36,34 @@ def test_golden_metric_values():
     assert 0 < chrf("LDA #$13", "LDA #$12") < 1
     s = score(["A9 12", "xx"], ["A9 12", "A9 12"])
     assert s["exact_match"] == 0.5 and s["token_f1"] == 0.5
+
+
+def test_exact_match_and_f1_use_squad_normalization():
+    # lowercase, punctuation and the articles a/an/the removed, whitespace collapsed
+    assert exact_match("The Cat!", "cat") == 1.0 and exact_match("an apple", "apple.") == 1.0
+    assert exact_match("「東京」。", "東京") == 1.0  # Unicode punctuation too
+    assert token_f1("a red apple.", "the red apples") == pytest.approx(0.5)  # [red apple] vs [red apples]
+    assert token_f1("the cat sat", "the cat sat on the mat") == pytest.approx(2 / 3)  # 2 of 2, 2 of 4
+    assert token_f1("天气很好", "今天天气很好") == pytest.approx(0.8)  # a token per character: 4 of 4, 4 of 6
+    assert token_f1("", "") == 1.0 and token_f1("", "x") == 0.0 and token_f1("the", "a") == 1.0
+
+
+def test_rouge_l_tokenizes_every_script():
+    assert rouge_l("今天天气很好", "今天天气很好") == 1.0  # rouge-score's own tokenizer gives 0 here
+    assert rouge_l("天气很好", "今天天气很好") == pytest.approx(0.8)  # LCS 4: P 4/4, R 4/6
+    assert rouge_l("Привет, мир", "привет мир") == 1.0 and rouge_l("LDA 指令", "lda 指令") == 1.0
+    assert rouge_l("the cat", "a dog") == 0.0
+
+
+def test_chrf_is_corpus_level():
+    # Hand-computed (character n-grams, whitespace ignored, beta 2). Row 1 "abcd"/"abcd": 1-grams
+    # 4/4/4 (hyp/ref/match), 2-grams 3/3/3, 3-grams 2/2/2, 4-grams 1/1/1. Row 2 "ab"/"ac": 1-grams
+    # 2/2/1, 2-grams 1/1/0. Summed: P = R = (5/6 + 3/4 + 1 + 1) / 4 = 43/48 for every order present.
+    assert corpus_chrf(["abcd", "ab"], ["abcd", "ac"]) == pytest.approx(43 / 48)
+    # Sentence scores: 1 and (1/2 + 0)/2 = 1/4; their mean 0.625 is not corpus chrF.
+    assert chrf("abcd", "abcd") == pytest.approx(1.0) and chrf("ab", "ac") == pytest.approx(0.25)
+    assert score(["abcd", "ab"], ["abcd", "ac"])["chrf"] == pytest.approx(43 / 48)
+    assert set(METRIC_DEFINITIONS) == {"exact_match", "token_f1", "rouge_l", "chrf"}
 
 
 def constant_model(tmp_path, tiny_llama, eos: str):
@@ -106,7 +143,8 @@ def test_eval_adapter_against_base_writes_reports(tmp_path, tiny_llama, test_row
     assert report["delta"]["loss"] == pytest.approx(report["tuned"]["loss"] - report["base"]["loss"])
     assert report["tuned"]["perplexity"] == pytest.approx(2.718281828 ** report["tuned"]["loss"], rel=1e-6)
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| loss |" in (out / "eval.md").read_text()
+    md = (out / "eval.md").read_text()
+    assert "| loss |" in md and all(text in md for text in METRIC_DEFINITIONS.values())
     failures = load_rows(str(out / "failures.jsonl"))
     assert 3 <= len(failures) <= 6
     samples, bad = to_samples(failures, "auto", "")

@@ -251,3 +251,13 @@ def test_defaults_stated_in_the_readme_are_the_codes():
     assert float(find(r"constants: ([0-9.]+) GiB for the CUDA context")) == round(CUDA_CONTEXT_BYTES / GIB, 2)
     assert float(find(r"and (\d+)% of the dynamic peak for allocator slack")) / 100 == ALLOCATOR_SLACK
     assert find(r"(\d+\.\d+\.\d+\.\d+) unless `--host` says otherwise") == ServeConfig().host
+    v = ServeConfig()
+    assert (
+        float(find(r"the exported Modelfile has: `temperature ([0-9.]+)`")) == v.temperature == e.temperature
+    )
+    assert float(find(r"Modelfile has: `temperature [0-9.]+`, `top_p ([0-9.]+)`")) == v.top_p == e.top_p
+    assert (
+        int(find(r"Modelfile has: `temperature [0-9.]+`, `top_p [0-9.]+`, `top_k (\d+)`"))
+        == v.top_k
+        == e.top_k
+    )

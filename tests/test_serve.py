@@ -1,9 +1,13 @@
 """`lorakit serve` on a tiny model, driven with the official openai client."""
 
+import concurrent.futures
+import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -60,13 +64,16 @@ def server(tmp_path_factory, tiny_llama):
             *adapters,
             "--port",
             str(port),
-            "--api_key",
-            KEY,
             "--max_tokens_limit",
             "64",
             "--max_request_bytes",
             "20000",
+            "--max_concurrent_requests",
+            "4",
+            "--max_queued_requests",
+            "8",
         ],
+        env={**os.environ, "LORAKIT_API_KEY": KEY},  # the key from the environment, not the command line
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -159,3 +166,233 @@ def test_errors_and_the_server_keeps_serving(server):
     # Still answering after all of that.
     assert len(client(base_url).models.list().data) == 3
     assert proc.poll() is None
+
+
+def health(base_url) -> dict:
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_concurrent_requests_get_the_answers_they_get_alone(server):
+    base_url, _ = server
+    asks = [(m, f"q{k}") for k, m in enumerate(["alpha", "beta", "base"] * 3)][:8]
+
+    def ask(model_and_prompt):
+        model, prompt = model_and_prompt
+        r = client(base_url).chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0
+        )
+        return r.choices[0].message.content, r.usage.completion_tokens
+
+    alone = [ask(a) for a in asks]
+    steps = health(base_url)["decode_steps"]
+    with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(ask, asks))
+    assert together == alone
+    assert health(base_url)["decode_steps"] - steps < sum(n for _, n in alone) - len(asks)  # shared steps
+
+
+def test_openai_features(server):
+    base_url, _ = server
+    c = client(base_url)
+    assert c.models.retrieve("beta").id == "beta"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("nope")
+    chunks = list(
+        c.chat.completions.create(
+            model="alpha",
+            messages=MESSAGES,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    assert all(ch.usage is None for ch in chunks[:-1])
+    three = c.chat.completions.create(
+        model="beta", messages=MESSAGES, max_tokens=8, n=3, temperature=1.0, seed=5
+    )
+    assert [ch.index for ch in three.choices] == [0, 1, 2]
+    again = c.chat.completions.create(
+        model="beta", messages=MESSAGES, max_tokens=8, n=3, temperature=1.0, seed=5
+    )
+    assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in three.choices]
+    streamed = list(
+        c.chat.completions.create(
+            model="beta", messages=MESSAGES, max_tokens=4, n=2, temperature=0, stream=True
+        )
+    )
+    assert {ch.choices[0].index for ch in streamed} == {0, 1}
+    as_developer = c.chat.completions.create(
+        model="alpha",
+        messages=[{"role": "developer", "content": "Be brief."}, *MESSAGES],
+        max_tokens=8,
+        temperature=0,
+    )
+    as_system = c.chat.completions.create(
+        model="alpha",
+        messages=[{"role": "system", "content": "Be brief."}, *MESSAGES],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    refused = {
+        "tools": dict(tools=[tool]),
+        "response_format": dict(response_format={"type": "json_object"}),
+        "logprobs": dict(logprobs=True),
+    }
+    for key, extra in refused.items():
+        with pytest.raises(openai.BadRequestError, match=key):
+            c.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=4, **extra)
+    with pytest.raises(openai.BadRequestError, match="n must be"):
+        c.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=4, n=50)
+    status, body = raw_post(
+        base_url,
+        "/chat/completions",
+        json.dumps({"model": "alpha", "messages": MESSAGES, "mystery": 1}).encode(),
+    )
+    assert status == 400 and body["error"]["param"] == "mystery"
+
+
+def test_a_flood_is_refused_with_retry_after_and_the_server_keeps_serving(server):
+    base_url, proc = server
+    body = json.dumps({"model": "alpha", "messages": MESSAGES, "max_tokens": 8, "temperature": 0}).encode()
+
+    def post(_):
+        req = urllib.request.Request(
+            base_url + "/chat/completions",
+            data=body,
+            method="POST",
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, None
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Retry-After")
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(post, range(200)))
+    statuses = [s for s, _ in results]
+    assert set(statuses) <= {200, 429, 503}, statuses
+    assert statuses.count(200) >= 4 and statuses.count(429) + statuses.count(503) >= 1
+    assert all(retry == "1" for s, retry in results if s != 200)
+    assert proc.poll() is None
+    after = client(base_url).chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=4)
+    assert after.choices[0].finish_reason in ("stop", "length")
+    assert health(base_url)["queued"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process: the engine is inspected while requests run
+
+
+@pytest.fixture(scope="module")
+def live(tiny_llama):
+    """The app on the tiny base model (no adapter) under uvicorn in a thread: (url, engine)."""
+    import uvicorn
+
+    from lorakit.config import ServeConfig
+    from lorakit.serve import Engine, build_app
+
+    engine = Engine(ServeConfig(base_model=str(tiny_llama), max_tokens_limit=450, system_prompt=""))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    server = uvicorn.Server(uvicorn.Config(build_app(engine), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+    server.should_exit = True
+    thread.join(10)
+    engine.close()
+
+
+def idle_within(engine, seconds: float) -> float:
+    """Seconds until the engine generates nothing (fails after `seconds`)."""
+    start = time.perf_counter()
+    while engine.batch.status()["generating"]:
+        assert time.perf_counter() - start < seconds, engine.batch.status()
+        time.sleep(0.005)
+    return time.perf_counter() - start
+
+
+LONG = [{"role": "user", "content": "Tell me a long story."}]
+
+
+def test_stop_string_and_disconnect_stop_the_generation(live):
+    url, engine = live
+    c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    full = c.chat.completions.create(model="base", messages=LONG, max_tokens=400, temperature=0)
+    text = full.choices[0].message.content
+    assert full.usage.completion_tokens == 400, "the tiny model should not stop by itself"
+    # A stop string that first appears early in the answer.
+    stop = next(text[k : k + 3] for k in range(4, len(text)) if text.find(text[k : k + 3]) == k)
+    steps = engine.batch.steps
+    chunks = list(
+        c.chat.completions.create(
+            model="base",
+            messages=LONG,
+            max_tokens=400,
+            temperature=0,
+            stop=stop,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert (
+        "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text[: text.find(stop)]
+    )
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    idle_within(engine, 0.5)
+    generated = chunks[-1].usage.completion_tokens
+    assert generated < 400 and engine.batch.steps - steps == generated - 1  # nothing after the stop
+
+    steps = engine.batch.steps
+    conn = http.client.HTTPConnection(url.removeprefix("http://"))
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"model": "base", "messages": LONG, "max_tokens": 400, "temperature": 0, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    for _ in range(3):
+        assert response.readline().startswith(b"data: ")
+        response.readline()
+    at_close = engine.batch.steps
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    idle_within(engine, 0.5)
+    assert engine.batch.steps - at_close <= 10 and engine.batch.steps - steps < 399
+
+
+def test_an_error_in_the_middle_of_a_stream_is_an_sse_event_then_done(live, monkeypatch):
+    url, engine = live
+    step, calls = engine.batch._step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("simulated failure")
+        step()
+
+    monkeypatch.setattr(engine.batch, "_step", failing_step)
+    conn = http.client.HTTPConnection(url.removeprefix("http://"))
+    body = {"model": "base", "messages": LONG, "max_tokens": 50, "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    events = [line for line in conn.getresponse().read().decode().split("\n\n") if line]
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["message"].endswith("simulated failure")
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    monkeypatch.undo()
+    c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    assert (
+        c.chat.completions.create(model="base", messages=MESSAGES, max_tokens=3).usage.completion_tokens == 3
+    )
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"

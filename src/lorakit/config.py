@@ -535,16 +535,26 @@ class DataCacheConfig(Checked):
 
 @dataclass
 class SamplingArgs(Checked):
+    """How a served model samples unless a request says otherwise: the guide's serving values, one
+    default for `serve` and the exported Modelfile (`generate` and `chat` are greedy: GreedyArgs)."""
+
     temperature: float = opt(
-        0.0,
-        "Sampling temperature; 0 = greedy decoding, so the same prompt gives the same answer.",
-        check=between(0, 2),
+        0.3, "Sampling temperature (0 = greedy decoding; the guide's serving value).", check=between(0, 2)
     )
     top_p: float = opt(
         0.9, "Nucleus sampling mass (used when temperature > 0).", check=between(0, 1, lo_open=True)
     )
     top_k: int = opt(
         40, "Sample from the k most likely tokens (used when temperature > 0).", check=NON_NEGATIVE
+    )
+
+
+@dataclass
+class GreedyArgs(SamplingArgs):
+    temperature: float = opt(
+        0.0,
+        "Sampling temperature; 0 = greedy decoding, so the same prompt gives the same answer.",
+        check=between(0, 2),
     )
 
 
@@ -556,7 +566,7 @@ class AdapterArgs(Checked):
 
 
 @dataclass
-class GenerateConfig(ModelArgs, PromptArgs, SamplingArgs, AdapterArgs):
+class GenerateConfig(ModelArgs, PromptArgs, GreedyArgs, AdapterArgs):
     max_new_tokens: int = opt(256, "Most tokens to generate.", check=POSITIVE)
 
 
@@ -576,9 +586,6 @@ class MergeConfig(ModelArgs, AdapterArgs):
 
 @dataclass
 class ExportConfig(MergeConfig, SamplingArgs):
-    temperature: float = opt(
-        0.3, "PARAMETER temperature of the Modelfile (the guide's serving value).", check=between(0, 2)
-    )
     model: str = opt("", "An already merged model directory (instead of --adapter).")
     output_dir: str = opt("outputs/export", "Directory for the exported files.")
     quant: str = opt("f16", "GGUF tensor type of the weights.", choices=("f32", "f16", "bf16", "q8_0"))
@@ -613,12 +620,12 @@ class EvalConfig(ModelArgs, DataArgs, PromptArgs, AdapterArgs):
 
 
 @dataclass
-class ChatConfig(ModelArgs, PromptArgs, SamplingArgs, AdapterArgs):
+class ChatConfig(ModelArgs, PromptArgs, GreedyArgs, AdapterArgs):
     max_new_tokens: int = opt(512, "Most tokens per answer.", check=POSITIVE)
 
 
 @dataclass
-class ServeConfig(ModelArgs, PromptArgs):
+class ServeConfig(ModelArgs, PromptArgs, SamplingArgs):
     adapter: list[str] = opt(
         [],
         "Adapters to serve as NAME=DIR (several share one base; the request's model picks one).",
@@ -626,13 +633,29 @@ class ServeConfig(ModelArgs, PromptArgs):
     )
     host: str = opt("127.0.0.1", "Address to bind (127.0.0.1 = this machine only).")
     port: int = opt(8000, "Port to listen on (0 = any free port, printed at start).", check=between(0, 65535))
-    api_key: str = opt("", "Require `Authorization: Bearer KEY` on every request ('' = no key).")
+    api_key: str = opt(
+        "",
+        "Require `Authorization: Bearer KEY` on every request ('' = the LORAKIT_API_KEY environment "
+        "variable, which `ps` does not show; neither = no key).",
+    )
     max_tokens_limit: int = opt(1024, "Largest max_tokens a request may ask for.", check=POSITIVE)
     max_request_bytes: int = opt(
         1_000_000, "Largest request body accepted (larger: HTTP 413).", check=POSITIVE
     )
     max_concurrent_requests: int = opt(
-        8, "Requests admitted at once (generation runs one at a time); more: HTTP 429.", check=POSITIVE
+        8,
+        "Rows generated together in one batch (a request with n choices takes n).",
+        check=POSITIVE,
+    )
+    max_queued_requests: int = opt(
+        32,
+        "Requests waiting for a place in the batch; more: HTTP 429 with Retry-After.",
+        check=NON_NEGATIVE,
+    )
+    threads: int = opt(
+        0,
+        "CPU threads for generation (0 = torch's default, one per core; 1 suits a busy machine).",
+        check=NON_NEGATIVE,
     )
 
 

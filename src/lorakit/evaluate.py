@@ -1,7 +1,8 @@
 """`lorakit eval`: did the fine-tune help? Loss, perplexity, generation scores, stop rate, failures.
 
-ROUGE-L comes from Google's `rouge-score` package and chrF from `sacrebleu` (both work offline);
-exact match and token F1 are the usual SQuAD definitions, a few lines each.
+The scores follow published definitions, stated in METRIC_DEFINITIONS (and in every eval.md):
+exact match and token F1 are SQuAD v2.0's (its answer normalization), ROUGE-L is rouge-score's
+LCS F-measure on tokens of any script, chrF is sacrebleu's corpus-level chrF.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import string
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,23 +21,54 @@ from .errors import LorakitError
 from .io import atomic_write_json, atomic_write_text, say
 
 METRICS = ("exact_match", "token_f1", "rouge_l", "chrf")
+METRIC_DEFINITIONS = {
+    "exact_match": "SQuAD v2.0 exact match: 1 when prediction and reference are equal after SQuAD's "
+    "answer normalization (lowercase; punctuation removed, Unicode punctuation included; the articles "
+    "a/an/the removed; whitespace collapsed), else 0; mean over rows.",
+    "token_f1": "SQuAD v2.0 F1: harmonic mean of precision and recall of the tokens the normalized "
+    "prediction and reference share (as multisets); tokens are whitespace-separated words, and each "
+    "Chinese/Japanese character is a token of its own (as MLQA scores Chinese); 1 when both are empty; "
+    "mean over rows.",
+    "rouge_l": "ROUGE-L F-measure (rouge-score's LCS F1): longest common subsequence of tokens, "
+    "P = LCS/prediction tokens, R = LCS/reference tokens, F = 2PR/(P+R); tokens are lowercased runs of "
+    "letters and digits of any script, each Chinese/Japanese character a token (rouge-score's default "
+    "tokenizer would drop all non-ASCII text); no stemming; mean over rows.",
+    "chrf": "chrF, corpus level (sacrebleu's CHRF defaults: character n-grams 1-6, beta 2, whitespace "
+    "ignored): n-gram matches are summed over all rows before precision and recall are computed, as "
+    "sacrebleu's corpus_score does; not a mean of row scores. The per-row chrf in eval.json is sentence "
+    "chrF.",
+}
+
+# Scripts written without spaces between words: each character is a token.
+_CJK = "\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f"
+_CJK_OR_WORD = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+_CJK_OR_RUN = re.compile(f"[{_CJK}]|[^{_CJK}]+")
+
+
+def _is_punctuation(ch: str) -> bool:
+    """SQuAD removes string.punctuation; Unicode punctuation (。，「」…) goes too, as in MLQA, so
+    other scripts are normalized alike. On ASCII text this is exactly SQuAD's normalization."""
+    return ch in string.punctuation or unicodedata.category(ch).startswith("P")
 
 
 def normalize(text: str) -> str:
-    return " ".join(text.lower().split())
+    """SQuAD's answer normalization: lowercase, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if not _is_punctuation(ch))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
 
 
 def exact_match(prediction: str, reference: str) -> float:
     return float(normalize(prediction) == normalize(reference))
 
 
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"\w+|[^\w\s]", text.lower())
+def _answer_tokens(text: str) -> list[str]:
+    return [piece for word in normalize(text).split() for piece in _CJK_OR_RUN.findall(word)]
 
 
 def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style F1 over word and punctuation tokens."""
-    pred, ref = _tokens(prediction), _tokens(reference)
+    """SQuAD v2.0's F1 over normalized answer tokens (CJK characters one token each)."""
+    pred, ref = _answer_tokens(prediction), _answer_tokens(reference)
     if not pred or not ref:
         return float(pred == ref)
     common = sum((Counter(pred) & Counter(ref)).values())
@@ -44,17 +78,33 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+class AnyScriptTokenizer:
+    """rouge-score's tokenizer interface: lowercased letter/digit runs of any script, CJK characters
+    one token each, punctuation dropped."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _CJK_OR_WORD.findall(text.lower())
+
+
 def rouge_l(prediction: str, reference: str) -> float:
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=AnyScriptTokenizer())
+    return scorer.score(reference, prediction)["rougeL"].fmeasure
 
 
 def chrf(prediction: str, reference: str) -> float:
-    """Sentence chrF in 0..1 (sacrebleu reports 0..100)."""
+    """Sentence chrF in 0..1 (sacrebleu reports 0..100): one row's score."""
     from sacrebleu.metrics import CHRF
 
     return CHRF().sentence_score(prediction, [reference]).score / 100
+
+
+def corpus_chrf(predictions: list[str], references: list[str]) -> float:
+    """Corpus chrF in 0..1: sacrebleu's corpus_score (statistics summed over rows first)."""
+    from sacrebleu.metrics import CHRF
+
+    return CHRF().corpus_score(predictions, [references]).score / 100 if predictions else 0.0
 
 
 def row_scores(prediction: str, reference: str) -> dict[str, float]:
@@ -67,9 +117,14 @@ def row_scores(prediction: str, reference: str) -> dict[str, float]:
 
 
 def score(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean of each metric over rows."""
+    """Exact match, token F1 and ROUGE-L: means over rows; chrF: corpus level."""
     rows = [row_scores(p, r) for p, r in zip(predictions, references)]
-    return {m: sum(r[m] for r in rows) / max(len(rows), 1) for m in METRICS}
+    return _summary_scores(rows, predictions, references)
+
+
+def _summary_scores(rows: list[dict], predictions: list[str], references: list[str]) -> dict[str, float]:
+    means = {m: sum(r[m] for r in rows) / max(len(rows), 1) for m in METRICS if m != "chrf"}
+    return {**means, "chrf": corpus_chrf(predictions, references)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +204,7 @@ def run_eval(model, tokenizer, chat, samples, examples, cfg: EvalConfig) -> tupl
         "rows": len(rows),
         "loss": loss,
         "perplexity": math.exp(min(loss, 50)),
-        **{m: sum(r.scores[m] for r in rows) / max(len(rows), 1) for m in METRICS},
+        **_summary_scores([r.scores for r in rows], [r.generation for r in rows], references),
         "stop_rate": sum(r.stopped for r in rows) / max(len(rows), 1),
         "mean_generated_tokens": sum(r.new_tokens for r in rows) / max(len(rows), 1),
         "mean_reference_tokens": sum(r.reference_tokens for r in rows) / max(len(rows), 1),
@@ -296,6 +351,10 @@ def markdown_report(report: dict, results: dict) -> str:
         )
         + " (as training supervised them); the scores compare the last turn's answer. Stop rate: share of answers that ended with the end-of-turn token "
         "before the token limit (a model that never stops is the most common fine-tuning failure).",
+        "",
+        "## What each score is",
+        "",
+        *(f"- **{name}**: {text}" for name, text in METRIC_DEFINITIONS.items()),
         "",
     ]
     return "\n".join(lines)

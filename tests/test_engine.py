@@ -1,0 +1,140 @@
+"""The batch engine of `lorakit serve`: rows of several adapters decoded together give each request
+the answer it gets alone, which is transformers' own greedy generate() with that adapter."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from lorakit.engine import BASE, BatchEngine, Job, Sampling, TextStream, sample
+
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_llama, smol_tokenizer):
+    """The tiny Llama with two random LoRA adapters (nonzero B: each changes the answers)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.data import ChatFormat
+
+    torch.manual_seed(3)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama),
+        LoraConfig(r=4, target_modules=SEVEN, init_lora_weights=False),
+        adapter_name="a1",
+    )
+    model.add_adapter("a2", LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    return model, smol_tokenizer, ChatFormat(smol_tokenizer)
+
+
+def collect(job: Job) -> list:
+    events: list = []
+    job.on_event = events.append
+    return events
+
+
+def answer(events) -> tuple[str, str | None]:
+    text = "".join(e.text for e in events if e.kind == "text")
+    reasons = [e.reason for e in events if e.kind == "finish"]
+    return text, reasons[0] if reasons else None
+
+
+def reference(model, chat, prompt: list[int], adapter: str, max_new_tokens: int) -> list[int]:
+    """transformers' greedy generate() of one prompt, alone, with the adapter set the usual way."""
+    stop = chat.stop_ids()
+    with model.disable_adapter() if adapter == BASE else contextlib.nullcontext():
+        if adapter != BASE:
+            model.set_adapter(adapter)
+        ids = torch.tensor([prompt])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop,
+            pad_token_id=stop[0],
+        )
+    tokens = out[0, len(prompt) :].tolist()
+    return tokens[: next((k for k, t in enumerate(tokens) if t in stop), len(tokens))]
+
+
+def test_mixed_adapter_batch_equals_each_request_alone_and_generate(two_adapters):
+    model, tokenizer, chat = two_adapters
+    engine = BatchEngine(model, tokenizer, chat.stop_ids(), max_rows=8, max_queued=16, peft=True)
+    try:
+        prompts = [
+            chat.encode_prompt([{"role": "user", "content": f"Question {k}: {'why ' * k}is it so?"}])
+            for k in range(8)
+        ]
+        adapters = ["a1", "a2", BASE] * 3
+        alone = []
+        for p, a in zip(prompts, adapters):
+            job = Job(p, a, Sampling(max_tokens=24))
+            events = collect(job)
+            engine.submit(job)
+            assert job.done.wait(60)
+            alone.append(answer(events))
+        steps = engine.steps
+        jobs = [Job(p, a, Sampling(max_tokens=24)) for p, a in zip(prompts, adapters)]
+        together = [collect(j) for j in jobs]
+        for j in jobs:
+            engine.submit(j)
+        assert all(j.done.wait(60) for j in jobs)
+        assert [answer(e) for e in together] == alone
+        assert engine.steps - steps < 8 * 23  # decoded together, not one after the other
+        assert len({text for text, _ in alone[:3]}) == 3  # the adapters do change the answers
+        for p, a, (text, _) in zip(prompts, adapters, alone):
+            ids = reference(model, chat, p, a, 24)
+            assert text == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    finally:
+        engine.close()
+
+
+def test_n_choices_and_seed(two_adapters):
+    model, tokenizer, chat = two_adapters
+    engine = BatchEngine(model, tokenizer, chat.stop_ids(), max_rows=4, max_queued=4, peft=True)
+    try:
+        prompt = chat.encode_prompt([{"role": "user", "content": "Hello"}])
+        runs = []
+        for _ in range(2):
+            job = Job(prompt, "a1", Sampling(max_tokens=8, temperature=1.0, seed=7), n=3)
+            events = collect(job)
+            engine.submit(job)
+            assert job.done.wait(60)
+            runs.append([answer([e for e in events if e.index == k and e.kind != "done"]) for k in range(3)])
+        assert runs[0] == runs[1]  # the same seed samples the same answers
+        assert len({text for text, _ in runs[0]}) > 1  # each choice has its own generator
+        with pytest.raises(ValueError, match="rows generated at once"):
+            engine.submit(Job(prompt, "a1", Sampling(max_tokens=8), n=5))
+    finally:
+        engine.close()
+
+
+def test_text_stream_holds_back_a_possible_stop_string(smol_tokenizer):
+    tok = smol_tokenizer
+    ids = tok("Hello world, the END is near", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tok, ["END"])
+    pieces, hit = [], False
+    for t in ids:
+        piece, hit = stream.push(t)
+        pieces.append(piece)
+        if hit:
+            break
+    assert hit and "".join(pieces) == "Hello world, the "
+    stream = TextStream(tok, ["world!"])  # a prefix that turns out not to be the stop string
+    pieces = [stream.push(t)[0] for t in ids]
+    assert "".join(pieces) + stream.flush() == "Hello world, the END is near"
+    assert "world" not in pieces[1]  # " world" could have begun "world!": held back until ","
+
+
+def test_sampling_keeps_to_top_k_and_top_p():
+    logits = torch.tensor([5.0, 4.0, 1.0, 0.0])
+    g = torch.Generator().manual_seed(0)
+    assert {sample(logits, Sampling(1, temperature=1.0, top_k=2), g) for _ in range(200)} == {0, 1}
+    assert {sample(logits, Sampling(1, temperature=1.0, top_p=0.5), g) for _ in range(50)} == {0}
+    assert sample(logits, Sampling(1, temperature=0.0), None) == 0
