@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from lorakit import rundir
-from lorakit.config import DashboardConfig, EvalConfig
+from lorakit.config import DashboardConfig, DataCheckConfig, EvalConfig
 from lorakit.dashboard import Dashboard, build_dashboard_app
 
 from .conftest import assemble_rows, tiny_train_config, write_jsonl
@@ -37,6 +37,7 @@ KEY = "sk-dashboard-test"
 def runs(tmp_path_factory, tiny_llama) -> Path:
     """A runs directory: a trained and evaluated tiny run, a copy of it with two settings changed,
     a run being trained (metrics without a summary, just written) and a damaged one."""
+    from lorakit.doctor import check
     from lorakit.evaluate import evaluate
     from lorakit.train import train
 
@@ -54,8 +55,13 @@ def runs(tmp_path_factory, tiny_llama) -> Path:
             failures=2,
         )
     )
+    check(
+        DataCheckConfig(base_model=str(tiny_llama), dataset=str(data), output=str(tuned / "data_check.json"))
+    )
     other = root / "other"
-    shutil.copytree(tuned, other, ignore=shutil.ignore_patterns("checkpoint-*", "runs", "eval"))
+    shutil.copytree(
+        tuned, other, ignore=shutil.ignore_patterns("checkpoint-*", "runs", "eval", "data_check.json")
+    )
     settings = (other / "lorakit.yaml").read_text()
     settings = settings.replace("lora_r: 4\n", "lora_r: 8\n").replace(
         "learning_rate: 0.001\n", "learning_rate: 0.002\n"
@@ -234,6 +240,16 @@ def test_eval_report_and_failures_are_read(site):
     assert report["failures"][0]["reference"].startswith("A9 ")
 
 
+def test_the_data_check_report_with_its_mask_preview(site):
+    status, detail = get(site + "/api/run?id=tuned")
+    report = detail["data_check"]
+    assert len(report["lengths"]) == 40 and 0 < report["supervised_fraction"] < 1
+    [row] = report["preview"][:1]
+    supervised = "".join(text for text, on in row["pieces"] if on)
+    assert supervised.startswith("A9 00") and "Assemble 0." not in supervised
+    assert "".join(text for text, _ in row["pieces"]).count("Assemble 0.") == 1
+
+
 def test_plan_then_train_from_the_form(site, runs, tiny_llama, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", assemble_rows(8))
     form = {
@@ -335,6 +351,7 @@ def test_browser_runs_list_and_a_finished_runs_curve(browser, site, runs):
     assert len(css(browser, '#chart-loss polyline.series[data-name="validation loss"]')) == 1
     assert len(css(browser, "#chart-loss circle.dot")) == len(evals) == 3
     assert css(browser, "#chart-learning_rate polyline.series") and css(browser, "table.eval")
+    assert css(browser, ".mask .sup") and css(browser, ".mask .ctx")  # the data check's mask preview
     # The same curve by tokens seen: the x axis changes, the points stay.
     from selenium.webdriver.support.ui import Select
 
