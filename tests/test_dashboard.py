@@ -276,7 +276,7 @@ def test_plan_then_train_from_the_form(site, runs, tiny_llama, tmp_path):
         time.sleep(1)
         job = get(site + f"/api/jobs/{job['number']}")[1]
     assert job["returncode"] == 0, job["output"]
-    assert "adapter written" in job["output"]
+    assert "adapter written" in job["output"] and job["command"].startswith("lorakit train ")
     listing = get(site + "/api/runs")[1]
     assert next(r for r in listing["runs"] if r["id"] == "from-form")["status"] == "finished"
 
@@ -414,3 +414,18 @@ def test_browser_chat_streams_an_answer(browser, site):
     assert int(reply.get_attribute("data-chunks")) >= 2  # it arrived in pieces, as a stream
     assert reply.text.strip()
     screenshot(browser, "chat")
+
+
+def test_browser_new_run_form_has_every_train_field(browser, site, runs):
+    import dataclasses
+
+    from lorakit.config import TrainConfig
+    from lorakit.dashboard import FORM_HIDDEN, PLAN_FIELDS
+
+    browser.get(site + "/#/new")
+    wait(browser, 20, lambda d: css(d, "#train-form [name=output_dir]"), "no form")
+    names = {e.get_attribute("name") for e in css(browser, "#train-form [name]")}
+    want = {f.name for f in dataclasses.fields(TrainConfig)} - FORM_HIDDEN | set(PLAN_FIELDS)
+    assert names == want
+    output_dir = css(browser, "#train-form [name=output_dir]")[0].get_attribute("value")
+    assert output_dir.startswith(str(runs.resolve()))  # a new run lands where the dashboard looks

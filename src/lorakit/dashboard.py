@@ -83,7 +83,7 @@ class Job:
             "number": self.number,
             "output_dir": str(self.output_dir),
             "run": run_id,
-            "command": shlex.join(self.command[2:]),
+            "command": shlex.join(["lorakit", *self.command[3:]]),
             "running": code is None,
             "returncode": code,
             "output": text.decode("utf-8", errors="replace"),

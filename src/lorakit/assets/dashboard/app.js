@@ -388,7 +388,7 @@ function followJob(box, j) {
     out.append(s.output);
     if (s.output) out.scrollTop = out.scrollHeight;
     head.textContent = "";
-    head.append(s.running ? "running: " : `exited with code ${s.returncode}: `, el("code", {}, "lorakit " + s.command), " ",
+    head.append(s.running ? "running: " : `exited with code ${s.returncode}: `, el("code", {}, s.command), " ",
       s.run ? el("a", { href: "#/run/" + encodeURIComponent(s.run) }, "follow its curves") : "");
     stop.disabled = !s.running;
   });
