@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,10 @@ def test_readme_blocks_run(workspace, substitutions, tiny_llama):
                 if line.startswith("lorakit serve"):  # on a free port instead of the default 8000
                     server = _start_server(f"{line} --port {port}", workspace)
                     continue
+                if line.startswith("lorakit dashboard"):
+                    dashboard_port = free_port()
+                    _check_dashboard(f"{line} --port {dashboard_port}", dashboard_port, workspace)
+                    continue
                 if line.startswith("lorakit chat"):
                     out = run(line, workspace)  # stdin is closed: the REPL starts and exits
                     assert "lorakit chat" in out.stdout
@@ -180,7 +185,19 @@ def test_readme_blocks_run(workspace, substitutions, tiny_llama):
             server.wait(timeout=30)
 
 
-def _start_server(line: str, cwd: Path) -> subprocess.Popen:
+def _check_dashboard(line: str, port: int, cwd: Path) -> None:
+    """The dashboard lists the adapter trained above as finished, then stops."""
+    proc = _start_server(line, cwd, ready="dashboard of")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs", timeout=30) as r:
+            runs = {run["id"]: run["status"] for run in json.loads(r.read())["runs"]}
+        assert runs.get("my-adapter") == "finished", runs
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _start_server(line: str, cwd: Path, ready: str = "serving") -> subprocess.Popen:
     """The serve command in the background (its adapters must exist); returns once it listens."""
     if "out/other" in line and not (cwd / "out/other").exists():
         shutil.copytree(cwd / "out/my-adapter", cwd / "out/other")
@@ -198,7 +215,7 @@ def _start_server(line: str, cwd: Path) -> subprocess.Popen:
     end = time.time() + 300
     while time.time() < end:
         text = proc.stdout.readline()
-        if "serving" in text:
+        if ready in text:
             return proc
         if proc.poll() is not None:
             raise AssertionError(f"{line} exited: {proc.stdout.read()}")

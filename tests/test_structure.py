@@ -79,6 +79,7 @@ def test_shared_layers_import_no_command_module():
         "plan",
         "doctor",
         "demo",
+        "dashboard",
     }
     low = [
         "config",
@@ -92,6 +93,7 @@ def test_shared_layers_import_no_command_module():
         "pretokenizer",
         "families",
         "loss",
+        "rundir",
     ]
     graph = _imports()
     for module in low:

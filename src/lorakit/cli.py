@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from .config import (
     ChatConfig,
+    DashboardConfig,
     DataCacheConfig,
     DataCheckConfig,
     DataConvertConfig,
@@ -84,6 +85,12 @@ COMMANDS = (
         ServeConfig,
         "serve:serve",
         "OpenAI-compatible HTTP server for local use (chat/completions, completions, models).",
+    ),
+    Command(
+        "dashboard",
+        DashboardConfig,
+        "dashboard:dashboard",
+        "Local web page: runs and their live curves, comparisons, eval and data reports, chat, new runs.",
     ),
     Command(
         "sweep",

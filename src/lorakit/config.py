@@ -659,6 +659,27 @@ class ServeConfig(ModelArgs, PromptArgs, SamplingArgs):
     )
 
 
+def same_as(cls: type, name: str) -> Any:
+    """A field with the default, help and check of `cls`'s field `name` (each default once)."""
+    f = _field(cls, name)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return opt(default, f.metadata["help"], choices=f.metadata["choices"], check=f.metadata["check"])
+
+
+@dataclass
+class DashboardConfig(Checked):
+    runs_dir: str = opt("outputs", "Directory holding the run directories to show (searched 4 levels deep).")
+    host: str = same_as(ServeConfig, "host")
+    port: int = opt(7860, "Port to listen on (0 = any free port, printed at start).", check=between(0, 65535))
+    api_key: str = same_as(ServeConfig, "api_key")
+    stale_after: int = opt(
+        600,
+        "Seconds without a new metrics line after which an unfinished run counts as interrupted, not running.",
+        check=POSITIVE,
+    )
+    threads: int = same_as(ServeConfig, "threads")
+
+
 @dataclass
 class DemoConfig(TrainConfig):
     eval_dataset: str = opt(
@@ -737,6 +758,13 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
     if choices and value not in choices:
         raise LorakitError(f"{where}: key '{name}' must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def form_value(cls: type, name: str, value: Any) -> Any:
+    """A value typed into a form (numbers as text, lists as `a b` or `a,b`), read as YAML's would be."""
+    if isinstance(value, str) and typing.get_origin(_type_of(cls, name)) is list:
+        value = value.split()
+    return _coerce(cls, name, value, f"field '{name}'")
 
 
 def split_list(cls: type, name: str, values: list[str]) -> list[str]:

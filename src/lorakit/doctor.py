@@ -93,6 +93,7 @@ def check(cfg: DataCheckConfig) -> dict:
         "chat_template_sha256": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()[:16],
         "recommended": recommend(report.rows, lengths),
         "lengths": lengths,
+        "preview": [_mask_preview(e, tokenizer) for e in preview],
     }
     _print_check(result, preview, tokenizer)
     if cfg.plot:
@@ -144,6 +145,19 @@ def _print_check(r: dict, preview: list[dict], tokenizer) -> None:
         for tok_id, label in zip(e["input_ids"], e["labels"]):
             text.append(tokenizer.decode([tok_id]), style="bold green" if label != IGNORE_INDEX else "dim")
         console.print(text)
+
+
+def _mask_preview(example: dict, tokenizer) -> dict:
+    """A rendered row as runs of text, each marked supervised (carries the loss) or not."""
+    pieces: list[list] = []
+    for tok_id, label in zip(example["input_ids"], example["labels"]):
+        supervised = label != IGNORE_INDEX
+        text = tokenizer.decode([tok_id])
+        if pieces and pieces[-1][1] == supervised:
+            pieces[-1][0] += text
+        else:
+            pieces.append([text, supervised])
+    return {"source": example["source"], "pieces": pieces}
 
 
 def _first(items: list[str]) -> str:
