@@ -31,6 +31,7 @@ from lorakit.config import (
     PlanConfig,
     PromptArgs,
     ServeConfig,
+    SynthArgs,
     TrainConfig,
 )
 
@@ -44,6 +45,7 @@ SKIPPED = {
     "make test          #": "development commands: the suite and linter run them",
     "--num_processes 4": "4 processes want 4 GPUs (test_distributed runs the same launch path with 2 CPU processes)",
     "--num_machines 2": "two machines on a network",
+    "scripts/improve_demo.py": "minutes of SmolLM2 training; tests/test_improve.py runs the same loop on a tiny model",
 }
 
 
@@ -251,3 +253,7 @@ def test_defaults_stated_in_the_readme_are_the_codes():
     assert float(find(r"constants: ([0-9.]+) GiB for the CUDA context")) == round(CUDA_CONTEXT_BYTES / GIB, 2)
     assert float(find(r"and (\d+)% of the dynamic peak for allocator slack")) / 100 == ALLOCATOR_SLACK
     assert find(r"(\d+\.\d+\.\d+\.\d+) unless `--host` says otherwise") == ServeConfig().host
+    synth = SynthArgs()
+    assert float(find(r"`--near_duplicate` \(([0-9.]+)\)")) == synth.near_duplicate
+    assert int(find(r"`--max_teacher_tokens` \(default ([0-9,]+),").replace(",", "")) == synth.max_teacher_tokens
+    assert find(r"variable `--teacher_api_key_env` names \(default `(\w+)`\)") == synth.teacher_api_key_env

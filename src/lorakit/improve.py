@@ -81,7 +81,13 @@ def improve(cfg: ImproveConfig) -> Path:
     write_yaml(cfg, out)
     steps = Steps(out, cfg.max_minutes)
     rounds: list[dict] = []
-    before = steps.run(out / "round-0", "eval", lambda: _eval(cfg, cfg.adapter, out / "round-0" / "eval"))
+    try:
+        before = steps.run(out / "round-0", "eval", lambda: _eval(cfg, cfg.adapter, out / "round-0" / "eval"))
+    except OutOfTime:
+        raise LorakitError(
+            f"--max_minutes {cfg.max_minutes:g}: spent by earlier runs in {out} before the student's eval; "
+            "raise it or choose another --output_dir"
+        ) from None
     say(
         f"lorakit: improve: student exact match {before['exact_match']:.1%} on {before['rows']} held-out rows"
     )
@@ -107,8 +113,10 @@ def _round(
     result = {"round": k, "before": before, "after": None, "adapter": None, "stop": ""}
     tokens_before = sum(r["synth"]["teacher_tokens"] for r in rounds)
     failures = out / f"round-{k - 1}" / "eval" / "failures.jsonl"
+    # Rows of earlier rounds are training data now: new rows must not repeat them either.
+    trained_on = str(out / f"round-{k - 1}" / "data") if k > 1 else cfg.dataset
     result["synth"] = steps.run(
-        rd, "synth", lambda: _synth(cfg, steps, failures, rd / "synth", tokens_before)
+        rd, "synth", lambda: _synth(cfg, steps, failures, rd / "synth", tokens_before, trained_on)
     )
     say(
         f"lorakit: improve: round {k}: {result['synth']['kept']} new rows from {len(result['synth']['groups'])} "
@@ -138,10 +146,13 @@ def _synth_fields(cfg: ImproveConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
 
 
-def _synth(cfg: ImproveConfig, steps: Steps, failures: Path, out: Path, tokens_before: int) -> dict:
+def _synth(
+    cfg: ImproveConfig, steps: Steps, failures: Path, out: Path, tokens_before: int, dataset: str
+) -> dict:
     from .synth import run_synth
 
-    synth_cfg = SynthConfig(**_synth_fields(cfg), failures=str(failures), output_dir=str(out))
+    fields = {**_synth_fields(cfg), "dataset": dataset}
+    synth_cfg = SynthConfig(**fields, failures=str(failures), output_dir=str(out))
     result = run_synth(synth_cfg, deadline=steps.deadline, tokens_before=tokens_before)
     if any(g.status == "skipped: time budget" for g in result.groups):
         raise OutOfTime("every teacher request was made")  # the rows kept so far are on disk
