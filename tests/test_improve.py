@@ -300,6 +300,7 @@ def test_improve_resumes_after_sigkill_without_repaying_the_teacher(tmp_path, te
     second = _run_until(argv, tmp_path, lambda: any(adapter.glob("checkpoint-*/lorakit-checkpoint.json")))
     log = second.stdout.read()
     assert "round-0 eval: done before, skipped" in log
+    assert f"starting from the weights of {student}" in log  # --retrain continue
     assert second.returncode == -signal.SIGKILL, log
     synth_stamp = (out / "round-1" / "synth.done.json").stat().st_mtime_ns
     asked = len(state.requests)

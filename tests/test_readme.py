@@ -255,5 +255,7 @@ def test_defaults_stated_in_the_readme_are_the_codes():
     assert find(r"(\d+\.\d+\.\d+\.\d+) unless `--host` says otherwise") == ServeConfig().host
     synth = SynthArgs()
     assert float(find(r"`--near_duplicate` \(([0-9.]+)\)")) == synth.near_duplicate
-    assert int(find(r"`--max_teacher_tokens` \(default ([0-9,]+),").replace(",", "")) == synth.max_teacher_tokens
+    assert (
+        int(find(r"`--max_teacher_tokens` \(default ([0-9,]+),").replace(",", "")) == synth.max_teacher_tokens
+    )
     assert find(r"variable `--teacher_api_key_env` names \(default `(\w+)`\)") == synth.teacher_api_key_env
