@@ -32,6 +32,7 @@ from lorakit.config import (
     PlanConfig,
     PromptArgs,
     ServeConfig,
+    SynthArgs,
     TrainConfig,
 )
 
@@ -45,6 +46,7 @@ SKIPPED = {
     "make test          #": "development commands: the suite and linter run them",
     "--num_processes 4": "4 processes want 4 GPUs (test_distributed runs the same launch path with 2 CPU processes)",
     "--num_machines 2": "two machines on a network",
+    "scripts/improve_demo.py": "minutes of SmolLM2 training; tests/test_improve.py runs the same loop on a tiny model",
 }
 
 
@@ -278,3 +280,9 @@ def test_defaults_stated_in_the_readme_are_the_codes():
         == v.top_k
         == e.top_k
     )
+    synth = SynthArgs()
+    assert float(find(r"`--near_duplicate` \(([0-9.]+)\)")) == synth.near_duplicate
+    assert (
+        int(find(r"`--max_teacher_tokens` \(default ([0-9,]+),").replace(",", "")) == synth.max_teacher_tokens
+    )
+    assert find(r"variable `--teacher_api_key_env` names \(default `(\w+)`\)") == synth.teacher_api_key_env

@@ -689,6 +689,112 @@ class DemoConfig(TrainConfig):
     max_new_tokens: int = opt(24, "Most tokens generated per held-out prompt.", check=POSITIVE)
 
 
+@dataclass
+class TeacherArgs(Checked):
+    teacher_url: str = opt(
+        "", "Base URL of the teacher's OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 (required)."
+    )
+    teacher_model: str = opt("", "Model name the teacher endpoint serves (required).")
+    teacher_api_key_env: str = opt(
+        "LORAKIT_TEACHER_API_KEY", "Environment variable holding the teacher's API key (unset: no key)."
+    )
+    teacher_timeout: float = opt(120.0, "Seconds to wait for one teacher answer.", check=above(0))
+    teacher_retries: int = opt(
+        3, "Retries of a request after a timeout, HTTP 429, 5xx or a dropped connection.", check=NON_NEGATIVE
+    )
+    teacher_backoff: float = opt(
+        2.0,
+        "Seconds before the first retry, doubled at each next one (a 429's Retry-After wins).",
+        check=NON_NEGATIVE,
+    )
+    teacher_temperature: float = opt(0.7, "Sampling temperature of the teacher.", check=between(0, 2))
+    teacher_max_tokens: int = opt(2048, "Most tokens one teacher answer may use.", check=POSITIVE)
+    max_teacher_tokens: int = opt(
+        200_000,
+        "Hard budget of teacher tokens (prompt + answer, as the endpoint reports them) for the whole run.",
+        check=POSITIVE,
+    )
+
+
+@dataclass
+class SynthArgs(TeacherArgs):
+    samples_per_group: int = opt(8, "New rows asked of the teacher per group of failures.", check=POSITIVE)
+    max_groups: int = opt(16, "Ask for at most this many groups, the largest first.", check=POSITIVE)
+    context_rows: int = opt(4, "Failing rows of a group shown to the teacher.", check=POSITIVE)
+    verify: str = opt(
+        "",
+        "Command that checks one row: the row as JSON on stdin, exit 0 = keep "
+        "(e.g. 'python scripts/verify_demo_sample.py'; '' = none).",
+    )
+    verify_timeout: float = opt(30.0, "Seconds the --verify command may take per row.", check=above(0))
+    max_sample_chars: int = opt(
+        4000, "Longest row kept, in characters of instruction + input + output.", check=POSITIVE
+    )
+    near_duplicate: float = opt(
+        0.8,
+        "Character 5-gram Jaccard similarity from which a row is a near-duplicate of a held-out or training row.",
+        check=between(0, 1, lo_open=True),
+    )
+
+
+@dataclass
+class SynthConfig(SynthArgs):
+    failures: str = opt("", "failures.jsonl written by `lorakit eval`, or its output directory (required).")
+    eval_dataset: str = opt(
+        "",
+        "Held-out rows no new row may repeat ('' = the dataset the eval beside --failures scored).",
+    )
+    dataset: str = opt(
+        "", "Training rows no new row may repeat ('' = the training data of the adapter that eval scored)."
+    )
+    output_dir: str = opt(
+        "outputs/synth", "Directory for synth.jsonl, rejected.jsonl, synth_report.json/.md and teacher/."
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.failures:
+            raise LorakitError("--failures is required: the failures.jsonl written by `lorakit eval`")
+
+
+@dataclass
+class ImproveConfig(SynthArgs, AdapterArgs):
+    eval_dataset: str = opt(
+        "", "Held-out rows scored before and after each round ('' = the bundled demo test split)."
+    )
+    dataset: str = opt("", "The student's training data ('' = the data the adapter was trained on).")
+    output_dir: str = opt(
+        "outputs/improve", "Directory for each round's eval, data, adapter and report, and improve.md."
+    )
+    rounds: int = opt(1, "Rounds of eval -> synth -> retrain -> eval at most.", check=POSITIVE)
+    retrain: str = opt(
+        "scratch",
+        "Each round trains a new adapter from the base (scratch) or from the last adapter's weights (continue).",
+        choices=("scratch", "continue"),
+    )
+    num_epochs: float = opt(
+        0.0, "Epochs of each retraining (0 = the student adapter's own setting).", check=NON_NEGATIVE
+    )
+    min_gain: float = opt(
+        0.0, "Stop when a round raises held-out exact match by this much or less.", check=NON_NEGATIVE
+    )
+    max_minutes: float = opt(
+        0.0,
+        "Start no new step (eval, teacher request, training) after this many minutes (0 = no limit).",
+        check=NON_NEGATIVE,
+    )
+    max_eval_rows: int = opt(0, "Score at most this many held-out rows (0 = all).", check=NON_NEGATIVE)
+    max_new_tokens: int = opt(64, "Most tokens generated per held-out prompt.", check=POSITIVE)
+    eval_batch_size: int = opt(8, "Rows per batch for the evaluations.", check=POSITIVE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.adapter:
+            raise LorakitError(
+                "--adapter is required: the student adapter directory written by `lorakit train`"
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # Fields -> argparse flags, YAML -> fields. Hand-written because the field is the single source
 # of the default, help and type; argparse and PyYAML each only do their half.

@@ -241,3 +241,31 @@ class OptunaPruning(TrainerCallback):
             self.pruned = True
             control.should_training_stop = True
         return control
+
+
+class StartFromAdapter(TrainerCallback):
+    """At the start of a fresh run, load an earlier adapter's LoRA weights into the model
+    (PEFT's own loader), so training continues from that adapter instead of a new LoRA init.
+    Not for a resumed run: its checkpoint holds newer weights (transformers loads them before
+    on_train_begin, so the caller decides). The adapter must have the run's rank and targets."""
+
+    def __init__(self, adapter_dir: str | Path):
+        self.path = Path(adapter_dir) / "adapter_model.safetensors"
+        self.loaded = False
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if self.loaded:  # a restart after an out-of-memory backoff keeps the weights it has
+            return
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        result = set_peft_model_state_dict(model, load_file(str(self.path)))
+        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+        if missing:
+            from .errors import LorakitError
+
+            raise LorakitError(
+                f"{self.path}: LoRA weights that do not fit this run's model ({missing[0]} ...)"
+            )
+        self.loaded = True
+        say(f"lorakit: starting from the weights of {self.path.parent}")
