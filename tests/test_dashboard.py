@@ -309,9 +309,15 @@ def browser():
 
 
 def wait(driver, seconds: float, condition, message: str):
+    """Poll `condition` until it holds. The page redraws a chart by replacing its elements, so a
+    poll may find none (IndexError) or hold one that was just replaced (stale): poll again."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, seconds, poll_frequency=0.1).until(condition, message)
+    ignored = (IndexError, StaleElementReferenceException)
+    return WebDriverWait(driver, seconds, poll_frequency=0.1, ignored_exceptions=ignored).until(
+        condition, message
+    )
 
 
 def css(driver, selector: str):
@@ -357,7 +363,9 @@ def test_browser_runs_list_and_a_finished_runs_curve(browser, site, runs):
 
     Select(css(browser, "#x-axis")[0]).select_by_value("tokens")
     wait(browser, 10, lambda d: "tokens seen" in css(d, "#chart-loss svg")[0].text, "x axis not by tokens")
-    assert int(css(browser, train_line)[0].get_attribute("data-points")) == want
+    wait(
+        browser, 10, lambda d: int(css(d, train_line)[0].get_attribute("data-points")) == want, "points lost"
+    )
     # A damaged run opens with its notes, not an error.
     browser.get(site + "/#/run/" + "sweeps%2Fdamaged")
     wait(browser, 20, lambda d: css(d, "ul.notes"), "no notes on the damaged run")
