@@ -25,7 +25,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,7 +38,6 @@ from typing import Any
 from . import rundir
 from .config import DashboardConfig, PlanConfig, ServeConfig, TrainConfig, form_value, resolve
 from .errors import LorakitError
-from .io import say
 
 ASSETS = ("index.html", "app.js", "chart.js", "app.css")
 MEDIA = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
@@ -449,45 +447,17 @@ def build_dashboard_app(board: Dashboard, api_key: str = ""):
     return _auth_middleware(app, api_key)
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise LorakitError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
-    sock.listen(128)
-    return sock
-
-
 def dashboard(cfg: DashboardConfig, ready: threading.Event | None = None) -> None:
-    import uvicorn
 
     root = Path(cfg.runs_dir).expanduser()
     if not root.is_dir():
         raise LorakitError(f"--runs_dir {cfg.runs_dir}: no such directory (train a run into it first)")
     api_key = cfg.api_key or os.environ.get("LORAKIT_API_KEY", "")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as serve: chat decodes on a shared CPU
+    from .serve import listen, run_app
+
     board = Dashboard(cfg)
-    sock = _bind(cfg.host, cfg.port)
+    sock = listen(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
-    say(
-        f"lorakit: dashboard of {board.root} on http://{host}:{port}/"
-        + (" (API key required)" if api_key else ""),
-        flush=True,
-    )
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        say("lorakit: warning: listening beyond this machine without an API key", flush=True)
-    server = uvicorn.Server(
-        uvicorn.Config(build_dashboard_app(board, api_key), log_level="warning", timeout_graceful_shutdown=5)
-    )
-    if ready is not None:
-        ready.set()
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass
-    finally:
-        board.chat.close()
-        sock.close()
+    what = f"dashboard of {board.root} on http://{host}:{port}/"
+    run_app(build_dashboard_app(board, api_key), sock, what, api_key, ready, board.chat.close)

@@ -543,7 +543,7 @@ def build_app(engine: Engine, api_key: str = ""):
     return app
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -557,7 +557,6 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def serve(cfg: ServeConfig, ready: threading.Event | None = None) -> None:
-    import uvicorn
 
     api_key = cfg.api_key or os.environ.get("LORAKIT_API_KEY", "")
     # A decode step is thousands of small operations: OpenMP workers that spin between them take
@@ -566,21 +565,25 @@ def serve(cfg: ServeConfig, ready: threading.Event | None = None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     engine = Engine(cfg)
     try:
-        sock = _listen(cfg.host, cfg.port)
+        sock = listen(cfg.host, cfg.port)
     except LorakitError:
         engine.close()
         raise
     host, port = sock.getsockname()[:2]
-    say(
-        f"lorakit: serving {', '.join(engine.names)} on http://{host}:{port}/v1"
-        + (" (API key required)" if api_key else ""),
-        flush=True,
-    )
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    what = f"serving {', '.join(engine.names)} on http://{host}:{port}/v1"
+    run_app(build_app(engine, api_key), sock, what, api_key, ready, engine.close)
+
+
+def run_app(app, sock: socket.socket, what: str, api_key: str, ready: threading.Event | None, close) -> None:
+    """Run an ASGI app on a listening socket under uvicorn until interrupted (serve, dashboard),
+    then `close()` what it holds."""
+    import uvicorn
+
+    host = sock.getsockname()[0]
+    say(f"lorakit: {what}" + (" (API key required)" if api_key else ""), flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         say("lorakit: warning: listening beyond this machine without an API key", flush=True)
-    server = uvicorn.Server(
-        uvicorn.Config(build_app(engine, api_key), log_level="warning", timeout_graceful_shutdown=5)
-    )
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     if ready is not None:
         ready.set()
     try:
@@ -588,5 +591,5 @@ def serve(cfg: ServeConfig, ready: threading.Event | None = None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        engine.close()
+        close()
         sock.close()
