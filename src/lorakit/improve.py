@@ -246,11 +246,10 @@ def _metrics_table(before: dict, after: dict | None) -> list[str]:
 
 
 def round_markdown(result: dict) -> str:
-    from .synth import group_table
+    from .synth import counts_text, group_table
 
     s = result["synth"]
-    rejected = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected"].items())) or "none"
-    faults = ", ".join(f"{k} {v}" for k, v in sorted(s["teacher_faults"].items())) or "none"
+    rejected, faults = counts_text(s["rejected"]), counts_text(s["teacher_faults"])
     return "\n".join(
         [
             f"# Round {result['round']}",
@@ -275,6 +274,8 @@ def _write_round(rd: Path, result: dict) -> None:
 
 
 def _finish(cfg: ImproveConfig, out: Path, steps: Steps, rounds: list[dict], stop: str) -> Path:
+    from .synth import counts_text
+
     start = json.loads(steps.marker(out / "round-0", "eval").read_text())["result"]
     evaluated = [r for r in rounds if r["after"]]
     best = max(evaluated, key=lambda r: r["after"]["exact_match"], default=None)
@@ -305,7 +306,7 @@ def _finish(cfg: ImproveConfig, out: Path, steps: Steps, rounds: list[dict], sto
         "|---:|---:|---:|---|---:|",
     ]
     for r in rounds:
-        faults = ", ".join(f"{k} {v}" for k, v in sorted(r["synth"]["teacher_faults"].items())) or "-"
+        faults = counts_text(r["synth"]["teacher_faults"], "-")
         after = f"{r['after']['exact_match']:.1%}" if r["after"] else "-"
         lines.append(
             f"| {r['round']} | {r['synth']['kept']} | {r['synth']['teacher_tokens']} | {faults} | {after} |"

@@ -516,8 +516,7 @@ def group_table(groups: list[dict]) -> list[str]:
         "|---|---:|---:|---:|---:|---|---:|---|---|",
     ]
     for g in groups:
-        rejected = ", ".join(f"{k} {v}" for k, v in sorted(g["rejected"].items())) or "-"
-        faults = ", ".join(f"{k} {v}" for k, v in sorted(Counter(g["faults"]).items())) or "-"
+        rejected, faults = counts_text(g["rejected"], "-"), counts_text(Counter(g["faults"]), "-")
         pattern_cell = g["pattern"].replace("|", "\\|") or "(empty)"
         lines.append(
             f"| `{pattern_cell}` | {g['failing_rows']} | {g['asked']} | {g['received']} | {g['kept']} | "
@@ -526,9 +525,13 @@ def group_table(groups: list[dict]) -> list[str]:
     return lines
 
 
+def counts_text(counts: dict, empty: str = "none") -> str:
+    """`{"timeout": 2, "429": 1}` as "429 1, timeout 2" (`empty` when there are none)."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or empty
+
+
 def markdown(report: dict) -> str:
-    faults = ", ".join(f"{k} {v}" for k, v in sorted(report["teacher_faults"].items())) or "none"
-    rejected = ", ".join(f"{k} {v}" for k, v in sorted(report["rejected"].items())) or "none"
+    faults, rejected = counts_text(report["teacher_faults"]), counts_text(report["rejected"])
     return "\n".join(
         [
             f"# Synthesised data from `{report['teacher']['model']}`",
