@@ -395,6 +395,20 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         "Pack each micro-batch into one row with per-row positions (no padding; fastest with flash-attention on GPU).",
         resumable=True,
     )
+    attn_implementation: str = opt(
+        "auto",
+        "Attention kernel. auto: flash_attention_2 on a CUDA GPU where flash-attn is installed (rows then "
+        "packed, as --padding_free), else sdpa; on a CPU eager up to 512-token rows (faster than SDPA there), else sdpa.",
+        choices=("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3"),
+        resumable=True,
+    )
+    max_tokens_per_batch: int = opt(
+        0,
+        "Cut each optimizer step's rows into micro-batches of at most this many (padded) tokens "
+        "instead of batch_size rows: fewer, larger matrix products; the step and its loss are unchanged (0 = off).",
+        resumable=True,
+        check=NON_NEGATIVE,
+    )
     torch_compile: bool = opt(
         False,
         "Compile the model with torch.compile (slow first steps, recompiles for new shapes).",
@@ -438,11 +452,23 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
             raise LorakitError("--load_in_4bit and --load_in_8bit are exclusive: pick one")
         if self.max_steps == 0 and self.num_epochs <= 0:  # a run of no step would look like a result
             raise LorakitError(f"--num_epochs {self.num_epochs:g}: must be > 0 (or give --max_steps)")
+        if self.max_tokens_per_batch and self.num_processes > 1 and self.distributed.startswith("deepspeed"):
+            raise LorakitError(
+                "--max_tokens_per_batch cannot be used with --distributed deepspeed_*: DeepSpeed steps its "
+                "own gradient accumulation; use ddp or fsdp, or drop --max_tokens_per_batch"
+            )
 
     @property
     def precision(self) -> str:
         """The mixed-precision mode the flags ask for: fp16, bf16 or fp32 (none)."""
         return "fp16" if self.fp16 else "bf16" if self.bf16 else "fp32"
+
+    def micro_batch_rows(self, length: int) -> int:
+        """Rows of `length` tokens in one micro-batch (--max_tokens_per_batch: as many as fit)."""
+        if not self.max_tokens_per_batch:
+            return self.batch_size
+        step_rows = self.batch_size * self.gradient_accumulation_steps
+        return max(1, min(step_rows, self.max_tokens_per_batch // max(length, 1)))
 
     def steps_per_epoch(self, n_rows: int) -> int:
         """Optimizer steps in one pass over `n_rows` training rows."""

@@ -1598,14 +1598,56 @@ class Collator:
     Packed rows restart their position ids; with no attention mask, transformers derives a
     block-diagonal causal mask from them, so no token attends across a row boundary, and the
     first label of each row is -100 so no row predicts the next row's first token.
+
+    With `max_tokens_per_batch` the batch is a whole optimizer step's rows: besides the collated
+    step (what the Trainer counts tokens and labels on), it carries the step cut into
+    `micro_batches` of at most that many padded tokens, longest rows first, each collated alone.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, padding_free: bool = False):
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int = 1,
+        padding_free: bool = False,
+        max_tokens_per_batch: int = 0,
+    ):
         self.pad_token_id = pad_token_id
         self.multiple = pad_to_multiple_of
         self.padding_free = padding_free
+        self.max_tokens_per_batch = max_tokens_per_batch
 
     def __call__(self, batch: list[dict]) -> dict:
+        out = self._collate(batch)
+        if self.max_tokens_per_batch:
+            groups = self.token_groups([len(b["input_ids"]) for b in batch])
+            if len(groups) > 1:
+                out["micro_batches"] = [self._collate([batch[i] for i in g]) for g in groups]
+        return out
+
+    def token_groups(self, lengths: list[int]) -> list[list[int]]:
+        """Row indices cut into micro-batches of at most max_tokens_per_batch tokens as collated
+        (padded to the group's longest row, or packed), longest rows first; a row longer than
+        the budget is a micro-batch of its own."""
+
+        def size(i: int) -> int:
+            return -(-lengths[i] // self.multiple) * self.multiple
+
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        groups: list[list[int]] = []
+        used = 0  # tokens of the current group as collated
+        for i in order:
+            # Packed, a row costs its own length; padded, the width of the group's first
+            # (longest) row.
+            cost = size(i) if self.padding_free or not groups else size(groups[-1][0])
+            if groups and used + cost <= self.max_tokens_per_batch:
+                groups[-1].append(i)
+                used += cost
+            else:
+                groups.append([i])
+                used = size(i)
+        return groups
+
+    def _collate(self, batch: list[dict]) -> dict:
         import torch
 
         sources = [b.get("source") for b in batch]  # "file:line", so a NaN loss can name its rows

@@ -46,9 +46,38 @@ GPUS: dict[str, tuple[str, float, float]] = {
     "l40s": ("NVIDIA L40S", 48, 362),
     "a100-40": ("NVIDIA A100 40GB", 40, 312),
     "a100-80": ("NVIDIA A100 80GB", 80, 312),
+    "h100-pcie": ("NVIDIA H100 PCIe", 80, 756),
     "h100": ("NVIDIA H100 80GB (SXM)", 80, 989),
     "h200": ("NVIDIA H200", 141, 989),
 }
+# torch.cuda.get_device_name() -> GPUS key, first match wins (e.g. "NVIDIA H100 80GB HBM3",
+# "NVIDIA A100-SXM4-80GB", "Tesla T4", "NVIDIA GeForce RTX 4090").
+DEVICE_NAMES = (
+    (r"H200", "h200"),
+    (r"H100.*PCIe", "h100-pcie"),
+    (r"H100", "h100"),
+    (r"A100.*40GB", "a100-40"),
+    (r"A100", "a100-80"),
+    (r"L40S", "l40s"),
+    (r"A10G", "a10g"),
+    (r"\bL4\b", "l4"),
+    (r"A6000", "a6000"),
+    (r"RTX 5090", "rtx5090"),
+    (r"RTX 4090", "rtx4090"),
+    (r"RTX 4080", "rtx4080"),
+    (r"RTX 4070 Ti SUPER", "rtx4070tisuper"),
+    (r"RTX 3090", "rtx3090"),
+    (r"\bT4\b", "t4"),
+)
+
+
+def gpu_key(device_name: str) -> str | None:
+    """The GPUS key of a CUDA device name, or None for a card not in the table."""
+    import re
+
+    return next((key for pattern, key in DEVICE_NAMES if re.search(pattern, device_name)), None)
+
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -575,10 +604,11 @@ def make_plan(cfg: PlanConfig, config=None, source: str = "", lengths=None) -> P
         ),
         lambda: weight_bytes(full, cfg, DTYPE_BYTES[precision]),
     )
-    step = traced_peak(config, cfg, dtype, cfg.batch_size, peak_len)
+    micro = cfg.micro_batch_rows(peak_len)
+    step = traced_peak(config, cfg, dtype, micro, peak_len)
     grads = trainable * 4
     vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
-    logits = cfg.batch_size * peak_len * vocab * (DTYPE_BYTES[precision] + 4)  # + their fp32 upcast
+    logits = micro * peak_len * vocab * (DTYPE_BYTES[precision] + 4)  # + their fp32 upcast
     memory = Memory(
         base_weights=weights,
         lora_weights=trainable * 4,
@@ -610,7 +640,7 @@ def make_plan(cfg: PlanConfig, config=None, source: str = "", lengths=None) -> P
         name,
         source,
         precision,
-        cfg.batch_size,
+        micro,
         peak_len,
         len_source,
         trainable,

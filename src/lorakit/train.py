@@ -35,8 +35,10 @@ from .data import ChatFormat, Collator, DataReport, Encoded, encode_data, row_le
 from .errors import LorakitError
 from .io import atomic_write_json, is_main_process, say, staged_files
 from .models import (
+    FLASH_ATTENTION,
     BaseModel,
     add_lora,
+    attention_implementation,
     base_identity,
     load_tokenizer,
     load_training_model,
@@ -63,6 +65,7 @@ class Run:
     fingerprint: dict
     checkpoint: Path | None
     model: Any
+    attention: str = "sdpa"
     started: float = field(default_factory=time.time)
 
 
@@ -72,8 +75,7 @@ class Fit:
 
     trainer: Any
     result: Any
-    batch_size: int
-    gradient_accumulation_steps: int
+    batch: Batching  # the cut the run finished with (smaller after out-of-memory backoffs)
     backoffs: list[dict]
     callbacks: dict[str, Any]
 
@@ -120,7 +122,10 @@ def prepare(cfg: TrainConfig) -> Run:
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    model = add_lora(cfg, load_training_model(cfg, base, precision))
+    attention = attention_implementation(
+        cfg.attn_implementation, min(data.report.max_length, cfg.max_seq_length)
+    )
+    model = add_lora(cfg, load_training_model(cfg, base, precision, attention))
     trainable, total = model.get_nb_trainable_parameters()
     if trainable == 0:
         raise LorakitError(
@@ -132,7 +137,7 @@ def prepare(cfg: TrainConfig) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         write_yaml(cfg, out)
-    return Run(cfg, out, base, tokenizer, data, precision, fp, checkpoint, model, started)
+    return Run(cfg, out, base, tokenizer, data, precision, fp, checkpoint, model, attention, started)
 
 
 def _plan_check(cfg: TrainConfig, data: Encoded) -> None:
@@ -152,6 +157,7 @@ def _plan_check(cfg: TrainConfig, data: Encoded) -> None:
 def fit(run: Run, extra_callbacks: list, stop_at_step: int | None) -> Fit:
     """Run the Trainer; on out-of-memory halve the micro-batch, double the accumulation (same
     effective batch) and continue from the last completed step."""
+    from .efficiency import Counter
     from .monitor import HealthWatch, MetricsLog, StopOnSignal
 
     cfg = run.cfg
@@ -159,84 +165,138 @@ def fit(run: Run, extra_callbacks: list, stop_at_step: int | None) -> Fit:
         "metrics": MetricsLog(run.out),
         "health": HealthWatch(cfg.no_progress_steps),
         "signals": StopOnSignal(),
+        "counter": Counter(),
     }
-    batch_size, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
+    batch = Batching(cfg.batch_size, cfg.gradient_accumulation_steps, cfg.max_tokens_per_batch)
     checkpoint, backoffs = run.checkpoint, []
     shared["signals"].install()
     try:
         while True:
-            trainer, callbacks = _build_trainer(
-                run, batch_size, accumulation, shared, extra_callbacks, stop_at_step
-            )
+            trainer, callbacks = _build_trainer(run, batch, shared, extra_callbacks, stop_at_step)
             try:
                 result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-                return Fit(trainer, result, batch_size, accumulation, backoffs, callbacks)
+                return Fit(trainer, result, batch, backoffs, callbacks)
             except Exception as e:
                 from .trainer import is_out_of_memory
 
+                shared["counter"].stop()
                 if not is_out_of_memory(e):
                     raise
-                checkpoint = _back_off(run, trainer, batch_size, accumulation, backoffs, shared["metrics"])
-                batch_size, accumulation = batch_size // 2, accumulation * 2
+                checkpoint, batch = _back_off(run, trainer, batch, backoffs, shared["metrics"])
     finally:
         shared["signals"].uninstall()
 
 
-def _build_trainer(run: Run, batch_size: int, accumulation: int, shared: dict, extra: list, stop_at_step):
+@dataclass(frozen=True)
+class Batching:
+    """How an optimizer step's rows are cut: `accumulation` micro-batches of `batch_size` rows, or
+    (tokens > 0) micro-batches of at most `tokens` padded tokens out of the step's rows."""
+
+    batch_size: int
+    accumulation: int
+    tokens: int
+
+    def halved(self) -> Batching:
+        """The next smaller cut after an out-of-memory error, same rows per optimizer step."""
+        if self.tokens:
+            return dataclasses.replace(self, tokens=self.tokens // 2)
+        return Batching(self.batch_size // 2, self.accumulation * 2, 0)
+
+    def can_halve(self) -> bool:
+        return self.tokens >= 2 * MIN_TOKENS_PER_BATCH if self.tokens else self.batch_size > 1
+
+    def describe(self) -> str:
+        if self.tokens:
+            return f"max_tokens_per_batch {self.tokens}"
+        return f"batch_size {self.batch_size}, gradient_accumulation_steps {self.accumulation}"
+
+
+MIN_TOKENS_PER_BATCH = 64  # below this an out-of-memory backoff stops halving the token budget
+
+
+def _build_trainer(run: Run, batch: Batching, shared: dict, extra: list, stop_at_step):
     from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import PrinterCallback
 
     from .monitor import LossCurve, Progress
-    from .trainer import LorakitTrainer, NonFiniteGuard, StopAtStep, training_arguments
+    from .trainer import LorakitTrainer, NonFiniteGuard, StopAtStep, Timed, training_arguments
 
-    cfg = dataclasses.replace(run.cfg, batch_size=batch_size, gradient_accumulation_steps=accumulation)
+    cfg = dataclasses.replace(
+        run.cfg,
+        batch_size=batch.batch_size,
+        gradient_accumulation_steps=batch.accumulation,
+        max_tokens_per_batch=batch.tokens,
+    )
     callbacks = {**shared, "guard": NonFiniteGuard(cfg.max_nonfinite_steps)}
     callbacks["pause"] = StopAtStep(stop_at_step) if stop_at_step else None
     listed = [shared["metrics"], Progress(), shared["health"], shared["signals"], callbacks["guard"]]
-    listed += [LossCurve(run.out), *extra]
+    listed += [Timed(shared["counter"]), LossCurve(run.out), *extra]
     listed += [callbacks["pause"]] if callbacks["pause"] else []
     if cfg.early_stopping_patience:
         listed.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     total_steps = cfg.total_steps(len(run.data.train))
     trainer = LorakitTrainer(
         model=run.model,
-        args=training_arguments(cfg, run.out, run.precision, total_steps, bool(run.data.val)),
+        args=training_arguments(
+            step_cut(cfg), run.out, run.precision, total_steps, bool(run.data.val), cfg.batch_size
+        ),
         train_dataset=run.data.train,
         eval_dataset=run.data.val or None,
-        data_collator=Collator(run.tokenizer.pad_token_id, padding_free=cfg.padding_free),
+        data_collator=Collator(
+            run.tokenizer.pad_token_id,
+            # flash-attention's variable-length kernel is what packed rows are for
+            padding_free=cfg.padding_free or run.attention in FLASH_ATTENTION,
+            max_tokens_per_batch=cfg.max_tokens_per_batch,
+        ),
         processing_class=run.tokenizer,
         callbacks=listed,
         guard=callbacks["guard"],
         marker={"fingerprint": run.fingerprint},
         chunked_loss=cfg.chunked_loss and not cfg.use_liger_kernel,
+        counter=shared["counter"],
     )
     trainer.remove_callback(PrinterCallback)
     return trainer, callbacks
 
 
-def _back_off(run: Run, trainer, batch_size: int, accumulation: int, backoffs: list, metrics) -> Path | None:
+def step_cut(cfg: TrainConfig) -> TrainConfig:
+    """The Trainer's view of --max_tokens_per_batch: one batch per optimizer step holding all its
+    rows (the collator cuts it into token-budget micro-batches)."""
+    if not cfg.max_tokens_per_batch:
+        return cfg
+    step_rows = cfg.batch_size * cfg.gradient_accumulation_steps
+    return dataclasses.replace(cfg, batch_size=step_rows, gradient_accumulation_steps=1)
+
+
+def _back_off(run: Run, trainer, batch: Batching, backoffs: list, metrics) -> tuple[Path | None, Batching]:
     """After an out-of-memory error: checkpoint the last completed step and record the backoff;
-    returns the checkpoint to continue from (None at step 0)."""
+    returns the checkpoint to continue from (None at step 0) and the smaller cut."""
     step = trainer.state.global_step
-    if not run.cfg.auto_batch_size or batch_size == 1:
+    if not run.cfg.auto_batch_size or not batch.can_halve():
         raise LorakitError(
-            f"out of memory at step {step} with batch_size {batch_size}: use --gradient_checkpointing, "
+            f"out of memory at step {step} with {batch.describe()}: use --gradient_checkpointing, "
             "--load_in_4bit, a shorter --max_seq_length or a smaller --lora_r (`lorakit plan` shows what fits)"
         ) from None
     run.model.zero_grad(set_to_none=True)
     trainer.guard.sources.clear()
     # The weights and optimizer are those after the last completed step.
     checkpoint = trainer.save_checkpoint_now() if step > 0 else None
-    backoffs.append(
-        {"step": step, "batch_size": batch_size // 2, "gradient_accumulation_steps": accumulation * 2}
-    )
+    smaller = batch.halved()
+    record = {
+        "step": step,
+        "batch_size": smaller.batch_size,
+        "gradient_accumulation_steps": smaller.accumulation,
+    }
+    if smaller.tokens:
+        record["max_tokens_per_batch"] = smaller.tokens
+    backoffs.append(record)
     say(
-        f"lorakit: out of memory at step {step}: batch_size {batch_size} -> {batch_size // 2}, "
-        f"gradient_accumulation_steps {accumulation} -> {accumulation * 2} (same effective batch); continuing"
+        f"lorakit: out of memory at step {step}: {batch.describe()} -> {smaller.describe()} "
+        "(same effective batch); continuing"
     )
     metrics.append({"step": step, "oom_backoff": backoffs[-1]})
     _free_memory()
-    return checkpoint
+    return checkpoint, smaller
 
 
 def _free_memory() -> None:
@@ -318,12 +378,31 @@ def _summary(run: Run, fitted: Fit) -> dict:
         "oom_backoffs": fitted.backoffs,
         "nonfinite_steps": fitted.callbacks["guard"].events,
         "warnings": fitted.callbacks["health"].messages,
+        **_efficiency(run, fitted.callbacks["counter"], trainable),
     }
+
+
+def _efficiency(run: Run, counter, lora_params: int) -> dict:
+    """Useful FLOP/s of the training loop and its fraction of the device's peak (efficiency.py)."""
+    from .efficiency import Shape, report
+    from .models import compute_dtype
+
+    try:
+        shape = Shape.of(run.model.get_base_model().config)
+    except (AttributeError, TypeError):  # a config without the dense decoder fields
+        return {}
+    precision = run.precision
+    if run.cfg.load_in_4bit or run.cfg.load_in_8bit:
+        precision = compute_dtype(run.cfg, run.precision)
+    return report(counter, shape, lora_params, precision)
 
 
 def _write_adapter(run: Run, fitted: Fit, summary: dict) -> None:
     cfg = dataclasses.replace(
-        run.cfg, batch_size=fitted.batch_size, gradient_accumulation_steps=fitted.gradient_accumulation_steps
+        run.cfg,
+        batch_size=fitted.batch.batch_size,
+        gradient_accumulation_steps=fitted.batch.accumulation,
+        max_tokens_per_batch=fitted.batch.tokens,
     )
     with staged_files(run.out, last=("adapter_config.json",)) as tmp:
         fitted.trainer.model.save_pretrained(tmp, safe_serialization=True)  # the best one with early stopping
@@ -336,9 +415,14 @@ def _write_adapter(run: Run, fitted: Fit, summary: dict) -> None:
         if cfg.early_stopping_patience and state.best_model_checkpoint
         else ""
     )
+    efficiency = ""
+    if summary.get("useful_flops_per_second"):
+        efficiency = f", {summary['useful_flops_per_second'] / 1e9:.1f} useful GFLOP/s"
+        if summary.get("fraction_of_peak") is not None:
+            efficiency += f" = {summary['fraction_of_peak']:.0%} of the {summary['peak_source']} peak"
     say(
         f"lorakit: adapter written to {run.out} (loss {fitted.result.training_loss:.4f}, "
-        f"{summary['tokens_per_second']} tokens/s{restored})"
+        f"{summary['tokens_per_second']} tokens/s{efficiency}{restored})"
     )
 
 

@@ -5,6 +5,7 @@ transformers' Trainer, which takes seconds to import."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -53,6 +54,19 @@ class NonFiniteGuard(TrainerCallback):
         return control
 
 
+class Timed(TrainerCallback):
+    """Times the training loop for the efficiency record (efficiency.Counter)."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.counter.start()
+
+    def on_train_end(self, args, state, control, **kw):
+        self.counter.stop()
+
+
 class StopAtStep(TrainerCallback):
     """Pause at a step (checkpoint written, schedule unchanged); used by successive halving."""
 
@@ -70,11 +84,14 @@ class StopAtStep(TrainerCallback):
 class LorakitTrainer(Trainer):
     """Trainer with atomic marked checkpoints, the chunked loss and the non-finite guard."""
 
-    def __init__(self, *args, guard: NonFiniteGuard, marker: dict, chunked_loss: bool, **kwargs):
+    def __init__(
+        self, *args, guard: NonFiniteGuard, marker: dict, chunked_loss: bool, counter=None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.guard = guard
         self.marker = marker
         self.chunked_loss = chunked_loss
+        self.counter = counter  # efficiency.Counter: real tokens, squared lengths, labels trained on
         if chunked_loss and self.args.world_size > 1:
             say(
                 "lorakit: note: --chunked_loss is off with several processes (the DDP wrapper must run the "
@@ -93,8 +110,37 @@ class LorakitTrainer(Trainer):
             return LengthGroupedSampler(batch, dataset=dataset, lengths=dataset.lengths())
         return super()._get_train_sampler(train_dataset)
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """With --max_tokens_per_batch the batch is a whole optimizer step (gradient accumulation
+        1 for the Trainer) carrying its token-budget micro-batches: each is a forward and backward
+        whose loss is a sum over its labels divided by the step's label count, so the gradients add
+        up to the step's mean loss, as with row-count micro-batches."""
+        parts = inputs.pop("micro_batches", None)
+        if not parts:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if not (self.chunked_loss and self.args.world_size == 1) and not self.model_accepts_loss_kwargs:
+            from .errors import LorakitError
+
+            raise LorakitError(
+                "--max_tokens_per_batch: this model's loss cannot be given the step's label count; "
+                "use --chunked_loss (one process) or drop --max_tokens_per_batch"
+            )
+        if num_items_in_batch is None:  # the Trainer counts labels only for a loss that takes the count
+            num_items_in_batch = (inputs["labels"][:, 1:] != -100).sum().to(self.args.device)
+        total = None
+        for k, part in enumerate(parts):
+            # Gradients synchronise across processes once per step, after the last micro-batch.
+            last = k == len(parts) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = super().training_step(model, part, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sources = inputs.pop("sources", None)
+        inputs.pop("micro_batches", None)  # evaluation batches come through the same collator
+        if model.training and self.counter is not None:
+            self.counter.add(inputs)
         # The chunked loss calls the decoder directly, which a DDP wrapper must not be bypassed
         # for: multi-process runs use the model's own loss.
         if self.chunked_loss and self.args.world_size == 1:
@@ -177,7 +223,9 @@ def optimizer_name(optim: str) -> str:
     return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
 
 
-def training_arguments(cfg: TrainConfig, out: Path, precision: str, total_steps: int, has_val: bool):
+def training_arguments(
+    cfg: TrainConfig, out: Path, precision: str, total_steps: int, has_val: bool, eval_batch_size: int = 0
+):
 
     warmup = cfg.warmup_steps
     if warmup >= total_steps:
@@ -190,7 +238,7 @@ def training_arguments(cfg: TrainConfig, out: Path, precision: str, total_steps:
     return TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=eval_batch_size or cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_epochs,

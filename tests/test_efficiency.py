@@ -1,0 +1,193 @@
+"""Token-budget micro-batches (--max_tokens_per_batch), the useful-FLOPs record of every run, and
+the attention kernel choice."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.data import Collator
+from lorakit.efficiency import Counter, Shape, useful_flops
+from lorakit.models import EAGER_MAX_TOKENS_CPU, attention_implementation
+from lorakit.train import train
+
+from .conftest import tiny_train_config as base_cfg
+from .conftest import write_jsonl
+
+
+def varied_rows(n: int) -> list[dict]:
+    """Rows from ~15 to ~70 tokens, so micro-batches of a token budget differ from row counts."""
+    words = ["load", "store", "the", "accumulator", "index", "register", "with", "value"]
+    return [
+        {
+            "instruction": " ".join(words[(i + k) % len(words)] for k in range(3 + (i * 7) % 40)),
+            "output": f"A9 {i:02X}",
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "varied.jsonl", varied_rows(48))
+
+
+def test_token_groups_cover_every_row_once_within_the_budget():
+    lengths = [10, 60, 30, 30, 5, 120, 45, 45, 8]
+    padded = Collator(0, max_tokens_per_batch=100).token_groups(lengths)
+    assert sorted(i for g in padded for i in g) == list(range(len(lengths)))
+    assert padded[0] == [5]  # longer than the budget: a micro-batch of its own
+    for g in padded:
+        width = max(lengths[i] for i in g)
+        assert lengths[g[0]] == width  # longest first: the group's padded width
+        assert len(g) == 1 or width * len(g) <= 100
+    packed = Collator(0, padding_free=True, max_tokens_per_batch=100).token_groups(lengths)
+    assert sorted(i for g in packed for i in g) == list(range(len(lengths)))
+    assert all(len(g) == 1 or sum(lengths[i] for i in g) <= 100 for g in packed)
+    assert len(packed) < len(padded)  # packing wastes no budget on padding
+
+
+def test_collated_micro_batches_hold_the_steps_rows():
+    rows = [
+        {"input_ids": list(range(n)), "labels": [-100] * (n // 2) + list(range(n // 2, n))}
+        for n in (9, 3, 7, 5)
+    ]
+    out = Collator(0, max_tokens_per_batch=14)(rows)
+    parts = out["micro_batches"]
+    assert [p["input_ids"].shape for p in parts] == [
+        torch.Size([1, 9]),
+        torch.Size([2, 7]),
+        torch.Size([1, 3]),
+    ]
+    supervised = sum(int((p["labels"] != -100).sum()) for p in parts)
+    assert supervised == int((out["labels"] != -100).sum())
+    assert "micro_batches" not in Collator(0, max_tokens_per_batch=100)(rows)  # one group: the step itself
+
+
+def _calls(monkeypatch):
+    """Records the shape of every training forward (the chunked loss is the training path)."""
+    import lorakit.loss as loss
+
+    shapes = []
+    real = loss.causal_lm_loss
+
+    def spy(model, inputs, *a, **kw):
+        if model.training:
+            shapes.append(tuple(inputs["input_ids"].shape))
+        return real(model, inputs, *a, **kw)
+
+    monkeypatch.setattr(loss, "causal_lm_loss", spy)
+    return shapes
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_token_budget_trains_the_same_steps_in_fewer_larger_micro_batches(
+    tmp_path, tiny_llama, varied, monkeypatch, padding_free
+):
+    common = dict(max_steps=6, batch_size=2, gradient_accumulation_steps=4, padding_free=padding_free)
+    shapes = _calls(monkeypatch)
+    rows_ref = train(base_cfg(tiny_llama, varied, tmp_path / "rows", **common))
+    by_rows = list(shapes)
+    shapes.clear()
+    tokens_ref = train(base_cfg(tiny_llama, varied, tmp_path / "tokens", max_tokens_per_batch=320, **common))
+    by_tokens = list(shapes)
+
+    assert len(by_rows) == 6 * 4
+    assert len(by_tokens) < len(by_rows)  # larger micro-batches
+    assert all(b * t <= 320 or (b == 1 and not padding_free) for b, t in by_tokens)
+
+    def losses(out):
+        return [
+            r["loss"]
+            for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r
+        ]
+
+    assert losses(tokens_ref) == pytest.approx(losses(rows_ref), rel=1e-5)
+    a = load_file(rows_ref / "adapter_model.safetensors")
+    b = load_file(tokens_ref / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    saved = (tokens_ref / "lorakit.yaml").read_text()
+    assert "max_tokens_per_batch: 320" in saved and "batch_size: 2" in saved  # the user's settings
+
+
+def test_out_of_memory_halves_the_token_budget(tmp_path, tiny_llama, varied, monkeypatch):
+    import lorakit.monitor as mon
+
+    seen = []
+
+    class OOMAtStep2(mon.HealthWatch):
+        def on_step_begin(self, args, state, control, **kw):
+            seen.append(
+                (state.global_step, args.per_device_train_batch_size, args.gradient_accumulation_steps)
+            )
+            if state.global_step == 2 and len(seen) < 4:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(mon, "HealthWatch", OOMAtStep2)
+    out = train(
+        base_cfg(
+            tiny_llama,
+            varied,
+            tmp_path / "o",
+            max_steps=4,
+            batch_size=2,
+            gradient_accumulation_steps=4,
+            max_tokens_per_batch=512,
+        )
+    )
+    summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["status"] == "finished"
+    assert [b["max_tokens_per_batch"] for b in summary["oom_backoffs"]] == [256]
+    assert {(bs, ga) for _, bs, ga in seen} == {(8, 1)}  # the step's rows never changed
+    assert "max_tokens_per_batch: 256" in (out / "lorakit.yaml").read_text()
+
+
+def test_useful_flops_by_hand():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    shape = Shape.of(config)
+    # per layer: q 32x32 + k 32x16 + v 32x16 + o 32x32 + gate/up/down 3 x 32x64 = 9216
+    assert shape.linear == 2 * 9216 and shape.attention_width == 32
+    # 10 tokens in rows of 3 and 7 (9 + 49 = 58), 4 labels, 100 LoRA weights
+    expected = (4 * 18432 + 6 * 100) * 10 + 6 * 2 * 32 * 58 + 4 * 100 * 32 * 4
+    assert useful_flops(shape, 100, 10, 58, 4) == expected
+
+
+def test_counter_reads_padded_and_packed_batches_alike():
+    rows = [{"input_ids": list(range(n)), "labels": [-100] * 2 + list(range(2, n))} for n in (3, 7, 5)]
+    totals = []
+    for packed in (False, True):
+        counter = Counter()
+        counter.add(Collator(0, padding_free=packed)(rows))
+        counter.settle()
+        totals.append((counter.tokens, counter.squared))
+    assert totals[0] == totals[1] == (15, 9 + 49 + 25)
+
+
+def test_every_run_reports_its_efficiency(tmp_path, tiny_llama, varied):
+    out = train(base_cfg(tiny_llama, varied, tmp_path / "o", max_steps=3))
+    summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["useful_flops"] > 0 and summary["useful_flops_per_second"] > 0
+    assert summary["peak_source"].startswith("measured fp32 matmul")
+    assert 0 < summary["fraction_of_peak"] < 1
+    # The counter saw exactly the real tokens the Trainer counted.
+    shape = Shape.of(__import__("transformers").AutoConfig.from_pretrained(tiny_llama))
+    per_token_floor = 4 * shape.linear * summary["tokens_seen"]
+    assert summary["useful_flops"] > per_token_floor
+
+
+def test_attention_choice():
+    assert attention_implementation("auto", EAGER_MAX_TOKENS_CPU) == "eager"
+    assert attention_implementation("auto", EAGER_MAX_TOKENS_CPU + 1) == "sdpa"
+    assert attention_implementation("sdpa", 10) == "sdpa"
