@@ -487,13 +487,14 @@ def encoded_rows(recipe: dict, tokenizer) -> list[dict]:
     return encode_samples(samples, ChatFormat(tokenizer), recipe["max_seq_length"], report=DataReport())
 
 
-def run_lorakit(recipe: dict) -> float:
+def run_lorakit(recipe: dict) -> tuple[float, int]:
+    """(train_runtime seconds, the non-pad tokens lorakit counted: a check that it trained the same rows)."""
     from lorakit.config import TrainConfig
     from lorakit.train import train
 
     out = train(TrainConfig(**recipe))
     summary = json.loads(Path(out, "metrics.jsonl").read_text().splitlines()[-1])
-    return float(summary["train_runtime_s"])
+    return float(summary["train_runtime_s"]), int(summary["tokens_seen"])
 
 
 def run_guide(recipe: dict, examples: list[dict], tokenizer) -> float:
@@ -603,8 +604,9 @@ def run_speed(cases, tokenizer, work: Path, precision: str, device, smoke: bool,
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             started = time.monotonic()
+            tokens_seen = None
             if case.recipe == "lorakit":
-                seconds = run_lorakit(recipe)
+                seconds, tokens_seen = run_lorakit(recipe)
             elif case.recipe == "guide":
                 seconds = run_guide(recipe, examples, model_tok)
             else:
@@ -615,6 +617,7 @@ def run_speed(cases, tokenizer, work: Path, precision: str, device, smoke: bool,
                 "precision": precision,
                 "rows": len(examples),
                 "real_tokens": real_tokens,
+                "tokens_seen": tokens_seen,
                 "train_seconds": seconds,
                 "tokens_per_second": real_tokens / seconds,
                 # The run's own peak: what an earlier run may have left allocated is subtracted.
