@@ -228,13 +228,13 @@ def save_random_model(config, tokenizer, folder: Path, device, dtype) -> Path:
 def save_embedded_copy(folder: Path, dtype) -> Path:
     """The embedded SmolLM2-135M-Instruct weights, saved in `dtype` so every recipe loads the same
     bf16 weights (the converted cache is fp32 and `from_pretrained` keeps a checkpoint's dtype)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from lorakit.models import resolve_base_model
+    from lorakit.models import load_tokenizer, resolve_base_model
 
-    source = resolve_base_model("").path
-    AutoModelForCausalLM.from_pretrained(source, dtype=dtype).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    base = resolve_base_model("")
+    AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype).save_pretrained(folder)
+    load_tokenizer(base).save_pretrained(folder)
     return folder
 
 
@@ -242,7 +242,7 @@ def save_embedded_copy(folder: Path, dtype) -> Path:
 # Memory: planner vs measured
 
 
-def train_config(case: MemoryCase, precision: str, smoke: bool, model_dir: str = ""):
+def train_config(case: MemoryCase, precision: str, model_dir: str = ""):
     from lorakit.config import PlanConfig
 
     return PlanConfig(
@@ -393,8 +393,8 @@ def error_pct(predicted: float, measured: float) -> float:
     return 100.0 * (predicted - measured) / measured
 
 
-def memory_row(case: MemoryCase, info: dict, model_dir: str, config, precision, device, smoke) -> dict:
-    cfg = train_config(case, precision, smoke, model_dir)
+def memory_row(case: MemoryCase, info: dict, model_dir: str, config, precision, device) -> dict:
+    cfg = train_config(case, precision, model_dir)
     started = time.monotonic()
     plan = planned(config, cfg)
     free_memory(device)
@@ -451,7 +451,7 @@ def run_memory(cases, tokenizer, work: Path, precision: str, device, smoke: bool
                     save_random_model(config, tokenizer, folder, device, weight_dtype(precision))
                 saved[case.shape] = (config, info, str(folder))
             config, info, folder = saved[case.shape]
-            row = memory_row(case, info, folder, config, precision, device, smoke)
+            row = memory_row(case, info, folder, config, precision, device)
         except (
             Exception
         ) as e:  # one failing configuration (out of memory, a kernel missing) must not stop the rest
@@ -514,7 +514,7 @@ def attention_for_padding_free(device) -> str:
     return "sdpa"
 
 
-def run_trl(recipe: dict, examples: list[dict], tokenizer, attention: str, device) -> float:
+def run_trl(recipe: dict, examples: list[dict], tokenizer, attention: str, device, dtype) -> float:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -523,7 +523,10 @@ def run_trl(recipe: dict, examples: list[dict], tokenizer, attention: str, devic
 
     dataset = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
     torch.manual_seed(recipe["seed"])
-    model = AutoModelForCausalLM.from_pretrained(recipe["base_model"], attn_implementation=attention)
+    # The dtype is explicit: transformers refuses flash_attention_2 for a model it would load in fp32.
+    model = AutoModelForCausalLM.from_pretrained(
+        recipe["base_model"], dtype=dtype, attn_implementation=attention
+    )
     args = SFTConfig(
         output_dir=recipe["output_dir"],
         per_device_train_batch_size=recipe["batch_size"],
@@ -610,7 +613,7 @@ def run_speed(cases, tokenizer, work: Path, precision: str, device, smoke: bool,
             elif case.recipe == "guide":
                 seconds = run_guide(recipe, examples, model_tok)
             else:
-                seconds = run_trl(recipe, examples, model_tok, attention, device)
+                seconds = run_trl(recipe, examples, model_tok, attention, device, weight_dtype(precision))
             row = {
                 **base,
                 "attention": attention,
@@ -733,8 +736,17 @@ def markdown(report: dict) -> str:
 
 def versions() -> dict:
     import importlib.metadata as md
+    import subprocess
 
     out = {}
+    try:  # the commit measured, for the README's figures
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
+        )
+        if rev.returncode == 0:
+            out["lorakit commit"] = rev.stdout.strip()
+    except OSError:
+        pass
     for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "flash-attn"):
         try:
             out[pkg] = md.version(pkg)
@@ -780,7 +792,8 @@ def main(argv: list[str] | None = None) -> int:
     precision = "bf16" if device.type == "cuda" else "fp32"
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lorakit-gpu-check-"))
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
+    work = out / "work"  # saved models and training runs, removed at the end
+    work.mkdir(parents=True, exist_ok=True)
     memory_cases, speed_cases = (SMOKE_MEMORY, SMOKE_SPEED) if smoke else (GPU_MEMORY, GPU_SPEED)
     if args.skip_memory:
         memory_cases = []
