@@ -432,7 +432,6 @@ def memory_row(case: MemoryCase, info: dict, model_dir: str, config, precision, 
 
 
 def run_memory(cases, tokenizer, work: Path, precision: str, device, smoke: bool, budget, reserve_s) -> list:
-
     rows, saved = [], {}
     for case in cases:
         label = f"{case.shape.name} {'QLoRA' if case.qlora else 'LoRA'} gc={case.checkpointing} {case.batch}x{case.seq}"
@@ -452,10 +451,9 @@ def run_memory(cases, tokenizer, work: Path, precision: str, device, smoke: bool
                 saved[case.shape] = (config, info, str(folder))
             config, info, folder = saved[case.shape]
             row = memory_row(case, info, folder, config, precision, device)
-        except (
-            Exception
-        ) as e:  # one failing configuration (out of memory, a kernel missing) must not stop the rest
-            free_memory(device)
+        # One failing configuration (out of memory, a missing kernel) must not stop the rest; the next
+        # row frees what it left once this exception (and the frames it holds) is gone.
+        except Exception as e:
             row = {
                 **base,
                 "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
