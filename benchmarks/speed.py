@@ -44,9 +44,10 @@ CONFIGS = {
 }
 
 
-def make_data(path: Path, rows: int, seed: int) -> None:
+def make_data(path: Path, rows: int, seed: int, scale: float = 1.0) -> None:
     """Instruction rows with long-tailed lengths: log-normal word counts, which give rows of median
-    ~205 tokens, 72 to ~800 (like the instruction data this tool targets)."""
+    ~205 tokens, 72 to ~800 (like the instruction data this tool targets); `scale` multiplies the
+    median word counts (gpu_check.py's CPU smoke uses short rows)."""
     rng = random.Random(seed)
     syllables = [
         "ka",
@@ -73,8 +74,8 @@ def make_data(path: Path, rows: int, seed: int) -> None:
 
     with open(path, "w") as f:
         for _ in range(rows):
-            prompt = int(min(450, max(8, rng.lognormvariate(math.log(30), 0.9))))
-            answer = int(min(450, max(4, rng.lognormvariate(math.log(20), 0.9))))
+            prompt = int(min(450 * scale, max(8, rng.lognormvariate(math.log(30 * scale), 0.9))))
+            answer = int(min(450 * scale, max(4, rng.lognormvariate(math.log(20 * scale), 0.9))))
             f.write(json.dumps({"instruction": text(prompt), "output": text(answer)}) + "\n")
 
 
@@ -138,16 +139,9 @@ def _start_probe():
     return Probe()
 
 
-def child(name: str, model_dir: str, train_file: str, test_file: str, out_dir: str) -> dict:
-    """One configuration in this process; returns its measurements."""
-    import torch
-
-    from lorakit.config import EvalConfig, TrainConfig
-    from lorakit.data import ChatFormat, DataReport, encode_samples, load_samples
-    from lorakit.evaluate import row_losses
-    from lorakit.models import load_tokenizer, resolve_base_model
-
-    recipe = dict(
+def guide_recipe(model_dir: str, train_file: str, out_dir: str) -> dict:
+    """The guide's settings as TrainConfig fields: LoRA r=64 on the seven projections, batch 4 x 4."""
+    return dict(
         base_model=model_dir,
         dataset=train_file,
         output_dir=out_dir,
@@ -167,6 +161,18 @@ def child(name: str, model_dir: str, train_file: str, test_file: str, out_dir: s
         save_steps=10_000,
         lr_scheduler_type="constant_with_warmup",
     )
+
+
+def child(name: str, model_dir: str, train_file: str, test_file: str, out_dir: str) -> dict:
+    """One configuration in this process; returns its measurements."""
+    import torch
+
+    from lorakit.config import EvalConfig, TrainConfig
+    from lorakit.data import ChatFormat, DataReport, encode_samples, load_samples
+    from lorakit.evaluate import row_losses
+    from lorakit.models import load_tokenizer, resolve_base_model
+
+    recipe = guide_recipe(model_dir, train_file, out_dir)
     tokenizer = load_tokenizer(resolve_base_model(model_dir))
     chat = ChatFormat(tokenizer)
     train_samples, _, _ = load_samples(TrainConfig(**recipe))
@@ -254,6 +260,7 @@ def _guide(recipe: dict, examples: list[dict], tokenizer, probe):
         seed=recipe["seed"],
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
+        bf16=recipe.get("bf16", False),
         gradient_checkpointing=recipe.get("gradient_checkpointing", False),
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
