@@ -66,6 +66,8 @@ def reference(model, chat, prompt: list[int], adapter: str, max_new_tokens: int)
 def test_mixed_adapter_batch_equals_each_request_alone_and_generate(two_adapters):
     model, tokenizer, chat = two_adapters
     engine = BatchEngine(model, tokenizer, chat.stop_ids(), max_rows=8, max_queued=16, peft=True)
+    # batched decode steps run on MKL's prepacked weights where this torch has MKL; lone ones don't
+    assert bool(engine.packed.layers) == torch.backends.mkl.is_available()
     try:
         prompts = [
             chat.encode_prompt([{"role": "user", "content": f"Question {k}: {'why ' * k}is it so?"}])
@@ -93,6 +95,7 @@ def test_mixed_adapter_batch_equals_each_request_alone_and_generate(two_adapters
             assert text == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     finally:
         engine.close()
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the layers are given back
 
 
 def run_alone(engine, prompt, adapter, max_tokens=16) -> tuple[str, str | None]:
