@@ -2,10 +2,16 @@
 
 The embedded SmolLM2-135M-Instruct base with two LoRA adapters (random, made here with PEFT: r=16
 on the seven projections) served by `lorakit serve`; requests cycle over the two adapters and the
-base. Each round sends the N requests one at a time, then all N at once from N threads (one
-official `openai` client each). Prints aggregate completion tokens/s and p50/p95 latency of both,
-their ratio, and whether every concurrent answer is the one-at-a-time answer, token for token
+base. Each round sends N requests all at once from N threads (one official `openai` client each),
+then the same N requests one at a time. Prints aggregate completion tokens/s and p50/p95 latency of
+both, their ratio, and whether every concurrent answer is the one-at-a-time answer, token for token
 (same text and same completion token count; greedy decoding).
+
+The server keeps the keys and values of recent prompts (its prefix cache), so the order is chosen
+to flatter the one-at-a-time pass, never the concurrent one: each round's questions were never sent
+before, the concurrent pass runs them first (cached: only the chat template head, from the warm-up)
+and the one-at-a-time pass repeats them (cached: all but each prompt's last token). The ratio is
+therefore a lower bound on what the same prompts would give with both passes cold.
 
     python benchmarks/serve_load.py                       # 8 clients, 32 new tokens, 2 rounds
     python benchmarks/serve_load.py --clients 4 --rounds 1 --max_tokens 16
@@ -38,6 +44,27 @@ QUESTIONS = [
     "What is 17 times 23?",
     "Suggest a title for a blog post about gardening.",
 ]
+# More questions for runs of more than 12 requests: no prompt of a round may have been sent before
+# (any two of these share at most their first word or two after the chat template head).
+TOPICS = ["volcanoes", "bicycles", "honey bees", "lighthouses", "glaciers", "violins", "comets", "bread"]
+OPENINGS = [
+    "Describe",
+    "Tell me a fact about",
+    "Why do people like",
+    "Write one sentence on",
+    "Name a risk of",
+]
+
+
+def questions(count: int) -> list[str]:
+    """`count` distinct questions, the handwritten ones first."""
+    extra = [f"{opening} {topic}." for opening in OPENINGS for topic in TOPICS]
+    pool = QUESTIONS + extra
+    if count > len(pool):
+        raise SystemExit(f"{count} requests need more than the {len(pool)} distinct questions here")
+    return pool[:count]
+
+
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -145,22 +172,27 @@ def main() -> None:
     from openai import OpenAI
 
     models = ["alpha", "beta", "base"]
-    requests = [(models[k % 3], QUESTIONS[k % len(QUESTIONS)]) for k in range(args.clients)]
+    pool = questions(args.clients * args.rounds)  # every request of the run has its own question
+    rounds = [
+        [(models[k % 3], pool[r * args.clients + k]) for k in range(args.clients)] for r in range(args.rounds)
+    ]
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(make_adapters(Path(tmp)), port := free_port(), args.clients, args.threads)
         try:
             url = f"http://127.0.0.1:{port}/v1"
-            clients = [OpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600) for _ in requests]
+            clients = [
+                OpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600) for _ in range(args.clients)
+            ]
             for m in models:  # warm-up
                 ask(clients[0], m, "Hello", 4)
             alone, together, same, total = [], [], 0, 0
             alone_wall = together_wall = 0.0
-            for _ in range(args.rounds):
-                a, wall = one_at_a_time(clients[0], requests, args.max_tokens)
-                alone, alone_wall = alone + a, alone_wall + wall
+            for requests in rounds:  # concurrent first, on prompts never sent: see the docstring
                 t, wall = concurrently(clients, requests, args.max_tokens)
                 together, together_wall = together + t, together_wall + wall
+                a, wall = one_at_a_time(clients[0], requests, args.max_tokens)
+                alone, alone_wall = alone + a, alone_wall + wall
                 for x, y in zip(a, t):
                     total += 1
                     same += (x[0], x[1]) == (y[0], y[1])
@@ -175,13 +207,15 @@ def main() -> None:
     print(
         f"\n{args.clients} clients, greedy, max_tokens {args.max_tokens}, {args.rounds} round(s), threads {threads}"
     )
+    print(
+        "order: each round's questions are new; concurrent pass first (prefix cache: chat template head"
+        " only), then the same requests one at a time (prefix cache: all but the last prompt token)"
+    )
     seq = report("one at a time", alone, alone_wall)
     con = report(f"{args.clients} concurrent", together, together_wall)
     print(f"aggregate tokens/s: {con / seq:.2f}x one at a time")
     print(f"answers identical to the one-at-a-time answer: {same}/{total}")
-    print(
-        f"distinct answers per model: {len({(m, a[0]) for (m, _), a in zip(requests, alone)})}/{len(requests)}"
-    )
+    print(f"distinct answers: {len({(m, a[0]) for (m, _), a in zip(sum(rounds, []), alone)})}/{len(alone)}")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 

@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import torch
 
-from lorakit.engine import BASE, BatchEngine, Job, Sampling, TextStream, sample
+from lorakit.engine import BASE, BatchEngine, Job, PrefixCache, Sampling, TextStream, sample
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -66,6 +66,8 @@ def reference(model, chat, prompt: list[int], adapter: str, max_new_tokens: int)
 def test_mixed_adapter_batch_equals_each_request_alone_and_generate(two_adapters):
     model, tokenizer, chat = two_adapters
     engine = BatchEngine(model, tokenizer, chat.stop_ids(), max_rows=8, max_queued=16, peft=True)
+    # batched decode steps run on MKL's prepacked weights where this torch has MKL; lone ones don't
+    assert bool(engine.packed.layers) == torch.backends.mkl.is_available()
     try:
         prompts = [
             chat.encode_prompt([{"role": "user", "content": f"Question {k}: {'why ' * k}is it so?"}])
@@ -93,6 +95,82 @@ def test_mixed_adapter_batch_equals_each_request_alone_and_generate(two_adapters
             assert text == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     finally:
         engine.close()
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the layers are given back
+
+
+def run_alone(engine, prompt, adapter, max_tokens=16) -> tuple[str, str | None]:
+    job = Job(prompt, adapter, Sampling(max_tokens=max_tokens))
+    events = collect(job)
+    engine.submit(job)
+    assert job.done.wait(60)
+    return answer(events)
+
+
+def test_prefix_cache_hits_give_the_answers_of_a_full_prefill(two_adapters):
+    model, tokenizer, chat = two_adapters
+    system = {"role": "system", "content": "You answer in one short sentence."}
+    prompts = [chat.encode_prompt([system, {"role": "user", "content": q}]) for q in ("Hi", "Why?", "Hi")]
+    cold = BatchEngine(model, tokenizer, chat.stop_ids(), max_rows=4, peft=True, prefix_cache_bytes=0)
+    warm = BatchEngine(model, tokenizer, chat.stop_ids(), max_rows=4, peft=True)
+    try:
+        for adapter in ("a1", "a2", BASE):
+            expected = [run_alone(cold, p, adapter) for p in prompts]
+            assert [run_alone(warm, p, adapter) for p in prompts] == expected
+            jobs = [Job(p, adapter, Sampling(max_tokens=16)) for p in prompts]  # hits, prefilled together
+            together = [collect(j) for j in jobs]
+            for j in jobs:
+                warm.submit(j)
+            assert all(j.done.wait(60) for j in jobs)
+            assert [answer(e) for e in together] == expected
+            ids = reference(model, chat, prompts[1], adapter, 16)
+            assert expected[1][0] == tokenizer.decode(
+                ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+        assert not cold.prefixes.entries
+        shared = len(prompts[0]) - 1  # an exact repeat runs only its last token
+        assert warm.prefixes.lookup("a1", prompts[2])[1] == shared
+    finally:
+        cold.close()
+        warm.close()
+
+
+def test_prefix_cache_is_keyed_by_adapter_and_tokens(smol_tokenizer):
+    from lorakit.data import ChatFormat
+
+    chat = ChatFormat(smol_tokenizer)
+
+    def prompt(system: str, question: str) -> list[int]:
+        return chat.encode_prompt(
+            [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        )
+
+    def kv(n: int) -> list:  # 2 layers of [1, kv_heads 2, n, head_dim 4], position k holds k
+        column = torch.arange(n, dtype=torch.float32)[None, None, :, None].expand(1, 2, n, 4)
+        return [(column.clone(), -column.clone()) for _ in range(2)]
+
+    cache = PrefixCache(max_bytes=1 << 20)
+    first = prompt("Be brief.", "What is a cat?")
+    cache.add("a1", first, kv(len(first)))
+    second = prompt("Be brief.", "What is a dog?")
+    layers, n = cache.lookup("a1", second)
+    assert 0 < n < len(second) and first[:n] == second[:n] and first[n] != second[n]
+    assert layers[1][0].shape == (1, 2, n, 4) and torch.equal(
+        layers[1][1][0, 0, :, 0], -torch.arange(n).float()
+    )
+    assert cache.lookup("a2", second) == (None, 0)  # another adapter computes other keys
+    other = prompt("Answer at length.", "What is a cat?")  # another system prompt: a shorter hit
+    _, m = cache.lookup("a1", other)
+    assert m < n and first[:m] == other[:m] and first[m] != other[m]
+    assert cache.lookup("a1", first)[1] == len(first) - 1  # its last token still runs
+
+    cache.add("a1", first[:-3], kv(len(first) - 3))  # a prompt already covered adds nothing
+    assert len(cache.entries) == 1
+    small = PrefixCache(max_bytes=2 * sum(k.nbytes + v.nbytes for k, v in kv(len(first))))
+    for question in ("One?", "Two?", "Three?"):
+        p = prompt("Be brief.", question)
+        small.add(BASE, p, kv(len(p)))
+    assert [key[1] for key in small.entries] == [tuple(prompt("Be brief.", q)) for q in ("Two?", "Three?")]
+    assert small.bytes <= small.max_bytes
 
 
 def test_n_choices_and_seed(two_adapters):
