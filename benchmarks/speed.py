@@ -10,11 +10,20 @@ from lorakit's encoder in both), same LoRA (r=64 on the seven projections, the g
             by length, chunked loss on supervised positions only), then each option added alone
 
 Each configuration runs in its own process (peak RSS is per process). Prints real (non-pad)
-tokens/s and peak memory with ratios to the guide, held-out assistant loss after training, and
-useful FLOP/s as a fraction of this machine's matrix-multiply peak (measured here).
+tokens/s of the training loop and peak memory with ratios to the guide, the whole process's time
+to the end of training (Python start, imports, data, model load included) with its ratio, held-out
+assistant loss after training, and useful FLOP/s (lorakit.efficiency's count) as a fraction of
+this machine's matrix-multiply peak, measured at the start of the same run.
 
-    python benchmarks/speed.py               # ~5 minutes on 2 CPU cores
-    python benchmarks/speed.py --rows 32     # quicker, noisier
+A second part trains the embedded SmolLM2-135M-Instruct (bf16 autocast, LoRA r=16 on the seven
+projections, batch 4 x 4, two epochs of the demo data): the settings before token budgets and the
+CPU attention choice, today's defaults, and today's defaults with --max_tokens_per_batch; the
+held-out loss is on the demo's 40 test rows.
+
+    python benchmarks/speed.py                   # both parts, ~10 minutes on 2 CPU cores
+    python benchmarks/speed.py --part guide      # the ~28M Llama vs the guide's recipe
+    python benchmarks/speed.py --part smollm2    # the SmolLM2 line
+    python benchmarks/speed.py --rows 32         # quicker, noisier
 On a GPU the same script runs on CUDA (peak memory then from torch.cuda.max_memory_allocated).
 """
 
@@ -34,6 +43,7 @@ from pathlib import Path
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
     "guide (as written: + grad. checkpointing)": {"gradient_checkpointing": True},
+    "lorakit with the guide's exact flags": {"gradient_checkpointing": True},
     "guide without grad. checkpointing": {},
     "lorakit: padding to longest only": {"group_by_length": False, "chunked_loss": False},
     "lorakit: + length grouping": {"chunked_loss": False},
@@ -41,6 +51,32 @@ CONFIGS = {
     "lorakit: + bf16 autocast": {"bf16": True},
     "lorakit: + bf16, lora_dropout 0": {"bf16": True, "lora_dropout": 0.0},
     "lorakit: defaults + padding_free": {"padding_free": True},
+}
+# SmolLM2 on the demo data with the demo's settings (bf16, LoRA r=16, no LoRA dropout, lr 1e-3),
+# but batch 4 x 4 (16 rows per optimizer step) so micro-batches can be cut two ways.
+SMOL_RECIPE = dict(
+    lora_dropout=0.0,
+    lora_r=16,
+    lora_alpha=32,
+    batch_size=4,
+    gradient_accumulation_steps=4,
+    learning_rate=1e-3,
+    num_epochs=2,
+    warmup_steps=2,
+    bf16=True,
+    seed=0,
+    logging_steps=1,
+    save_steps=10_000,
+    max_seq_length=256,
+)
+SMOL_CONFIGS = {
+    "SmolLM2: before (SDPA, row micro-batches)": {"attn_implementation": "sdpa"},
+    "SmolLM2: defaults (CPU attention choice)": {},
+    "SmolLM2: SDPA + max_tokens_per_batch 4096": {
+        "attn_implementation": "sdpa",
+        "max_tokens_per_batch": 4096,
+    },
+    "SmolLM2: defaults + max_tokens_per_batch 4096": {"max_tokens_per_batch": 4096},
 }
 
 
@@ -102,25 +138,6 @@ def make_model(path: Path, tokenizer_dir: str) -> None:
     tok.save_pretrained(path)
 
 
-def matmul_peak() -> dict[str, float]:
-    """GFLOP/s of a 2048^3 matrix multiply, fp32 and bf16 (best of 5)."""
-    import torch
-
-    out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-        a @ b
-        best = min(_timed(lambda a=a, b=b: a @ b) for _ in range(5))
-        out[name] = 2 * 2048**3 / best / 1e9
-    return out
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
@@ -163,8 +180,9 @@ def guide_recipe(model_dir: str, train_file: str, out_dir: str) -> dict:
     )
 
 
-def child(name: str, model_dir: str, train_file: str, test_file: str, out_dir: str) -> dict:
-    """One configuration in this process; returns its measurements."""
+def child(name: str, model_dir: str, train_file: str, test_file: str, out_dir: str, t0: float) -> dict:
+    """One configuration in this process; returns its measurements. `t0`: when the parent started
+    this process (the whole-process time runs from there to the end of training)."""
     import torch
 
     from lorakit.config import EvalConfig, TrainConfig
@@ -173,24 +191,31 @@ def child(name: str, model_dir: str, train_file: str, test_file: str, out_dir: s
     from lorakit.models import load_tokenizer, resolve_base_model
 
     recipe = guide_recipe(model_dir, train_file, out_dir)
-    tokenizer = load_tokenizer(resolve_base_model(model_dir))
-    chat = ChatFormat(tokenizer)
-    train_samples, _, _ = load_samples(TrainConfig(**recipe))
-    examples = encode_samples(train_samples, chat, 1024, report=DataReport())
-    real_tokens = sum(len(e["input_ids"]) for e in examples)
     probe = _start_probe()
+    flops = None
     if name.startswith("guide"):
+        tokenizer = load_tokenizer(resolve_base_model(model_dir))
+        train_samples, _, _ = load_samples(TrainConfig(**recipe))
+        examples = encode_samples(train_samples, ChatFormat(tokenizer), 1024, report=DataReport())
+        real_tokens = sum(len(e["input_ids"]) for e in examples)
         model, seconds = _guide({**recipe, **CONFIGS[name]}, examples, tokenizer, probe)
+        process_seconds = time.time() - t0
     else:
         from lorakit.train import train
 
         cfg = TrainConfig(**{**recipe, **CONFIGS[name]})
         out = train(cfg, callbacks=[probe])
+        process_seconds = time.time() - t0
         summary = json.loads(Path(out, "metrics.jsonl").read_text().splitlines()[-1])
-        seconds = summary["train_runtime_s"]
+        seconds, real_tokens, flops = (
+            summary["train_runtime_s"],
+            summary["tokens_seen"],
+            summary["useful_flops"],
+        )
         from lorakit.generate import load_for_inference
 
         model = load_for_inference(model_dir, str(out))[0]
+        tokenizer = load_tokenizer(resolve_base_model(model_dir))
     peak = (
         torch.cuda.max_memory_allocated()
         if torch.cuda.is_available()
@@ -198,7 +223,7 @@ def child(name: str, model_dir: str, train_file: str, test_file: str, out_dir: s
     )  # training only, before the evaluation
     model.eval()
     test_samples, _, _ = load_samples(EvalConfig(dataset=test_file, system_prompt=""))
-    test_examples = encode_samples(test_samples, chat, 1024, report=DataReport())
+    test_examples = encode_samples(test_samples, ChatFormat(tokenizer), 1024, report=DataReport())
     losses = row_losses(model, test_examples, tokenizer.pad_token_id, 4)
     held_out = sum(x for x, _ in losses) / sum(n for _, n in losses)
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
@@ -216,7 +241,8 @@ def child(name: str, model_dir: str, train_file: str, test_file: str, out_dir: s
         "held_out_loss": held_out,
         "trainable": trainable,
         "linear_params": linear,
-        "rows": len(examples),
+        "process_seconds": process_seconds,
+        "useful_flops": flops,
     }
 
 
@@ -271,36 +297,63 @@ def _guide(recipe: dict, examples: list[dict], tokenizer, probe):
     return model, result.metrics["train_runtime"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument(
-        "--rows", type=int, default=64, help="training rows (trained once, 16 per optimizer step)"
-    )
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--dir", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        d = Path(args.dir)
-        out = d / "runs" / "".join(c if c.isalnum() else "-" for c in args.child)
-        result = child(args.child, str(d / "model"), str(d / "train.jsonl"), str(d / "test.jsonl"), str(out))
-        print("RESULT " + json.dumps(result), flush=True)
-        return
+def smol_child(name: str, out_dir: str, t0: float) -> dict:
+    """One SmolLM2 configuration in this process."""
+    from importlib import resources
 
-    from lorakit.models import resolve_base_model
+    from lorakit.config import EvalConfig, TrainConfig
+    from lorakit.data import DataReport, encode_samples, load_samples
+    from lorakit.demo import demo_settings
+    from lorakit.evaluate import row_losses
+    from lorakit.generate import load_for_inference
+    from lorakit.train import train
 
-    d = Path(tempfile.mkdtemp(prefix="lorakit-speed-"))
-    make_data(d / "train.jsonl", args.rows, seed=1)
-    make_data(d / "test.jsonl", 24, seed=2)
-    make_model(d / "model", resolve_base_model("").path)
-    peak = matmul_peak()
-    print(
-        f"matrix-multiply peak on this machine: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s",
-        flush=True,
+    assets = resources.files("lorakit") / "assets"
+    system = demo_settings()["system_prompt"]
+    cfg = TrainConfig(
+        dataset=str(assets / "demo_train.jsonl"),
+        output_dir=out_dir,
+        system_prompt=system,
+        report_to=["none"],
+        **{**SMOL_RECIPE, **SMOL_CONFIGS[name]},
     )
+    out = train(cfg)
+    process_seconds = time.time() - t0
+    summary = json.loads(Path(out, "metrics.jsonl").read_text().splitlines()[-1])
+    model, tokenizer, chat = load_for_inference("", str(out))
+    model.eval()
+    test, _, _ = load_samples(EvalConfig(dataset=str(assets / "demo_test.jsonl"), system_prompt=system))
+    losses = row_losses(
+        model, encode_samples(test, chat, 256, report=DataReport()), tokenizer.pad_token_id, 8
+    )
+    return {
+        "name": name,
+        "real_tokens": summary["tokens_seen"],
+        "seconds": summary["train_runtime_s"],
+        "useful_flops": summary["useful_flops"],
+        "process_seconds": process_seconds,
+        "held_out_loss": sum(x for x, _ in losses) / sum(n for _, n in losses),
+    }
+
+
+def run_children(names, d: Path, part: str) -> list[dict]:
     results = []
-    for name in CONFIGS:
+    for name in names:
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--dir", str(d)], capture_output=True, text=True
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--dir",
+                str(d),
+                "--part",
+                part,
+                "--t0",
+                repr(time.time()),
+            ],
+            capture_output=True,
+            text=True,
         )
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
@@ -308,29 +361,107 @@ def main() -> None:
             continue
         r = json.loads(line[len("RESULT ") :])
         results.append(r)
-        print(f"  done: {name} ({r['seconds']:.1f} s)", flush=True)
+        print(
+            f"  done: {name} ({r['seconds']:.1f} s training, {r['process_seconds']:.1f} s process)",
+            flush=True,
+        )
+    return results
+
+
+def guide_part(rows: int, peak: dict) -> None:
+    from lorakit.models import resolve_base_model
+
+    d = Path(tempfile.mkdtemp(prefix="lorakit-speed-"))
+    make_data(d / "train.jsonl", rows, seed=1)
+    make_data(d / "test.jsonl", 24, seed=2)
+    make_model(d / "model", resolve_base_model("").path)
+    results = run_children(CONFIGS, d, "guide")
     guide = results[0]
+    # Every configuration trains the same rows: one useful-FLOPs count (lorakit's) serves all.
+    flops = next(r["useful_flops"] for r in results if r["useful_flops"])
     print(
-        f"\n{args.rows} rows, {guide['real_tokens']} real tokens, LoRA r=64 on 7 projections ({guide['trainable']:,} trainable), "
-        f"batch 4 x 4"
+        f"\n{rows} rows, {guide['real_tokens']} real tokens, LoRA r=64 on 7 projections ({guide['trainable']:,} trainable), "
+        f"batch 4 x 4, lora_dropout 0.05"
     )
     print(
-        f"{'configuration':<38} {'real tok/s':>10} {'x guide':>8} {'train MiB':>9} {'x guide':>8} {'RSS MiB':>8} "
-        f"{'held-out loss':>14} {'FLOP/s % peak':>14}"
+        f"{'configuration':<40} {'real tok/s':>10} {'x guide':>8} {'process s':>9} {'x guide':>8} {'train MiB':>9} "
+        f"{'x guide':>8} {'RSS MiB':>8} {'held-out loss':>14} {'FLOP/s % peak':>14}"
     )
     for r in results:
         tps = r["real_tokens"] / r["seconds"]
-        flops = (4 * r["linear_params"] + 6 * r["trainable"]) * tps
         ref = peak["bf16"] if "bf16" in r["name"] else peak["fp32"]
         print(
-            f"{r['name']:<38} {tps:>10.0f} {tps / (guide['real_tokens'] / guide['seconds']):>8.2f} "
+            f"{r['name']:<40} {tps:>10.0f} {tps / (guide['real_tokens'] / guide['seconds']):>8.2f} "
+            f"{r['process_seconds']:>9.1f} {guide['process_seconds'] / r['process_seconds']:>8.2f} "
             f"{r['training_bytes'] / 2**20:>9.0f} {r['training_bytes'] / guide['training_bytes']:>8.2f} "
-            f"{r['peak_bytes'] / 2**20:>8.0f} {r['held_out_loss']:>14.4f} {100 * flops / (ref * 1e9):>13.1f}%"
+            f"{r['peak_bytes'] / 2**20:>8.0f} {r['held_out_loss']:>14.4f} {100 * flops / r['seconds'] / ref:>13.1f}%"
         )
     print(
-        "train MiB: the process's peak memory during training minus its memory when training started (model and "
-        "data loaded): activations, logits, gradients, optimizer state. RSS MiB: the whole process's peak."
+        "process s: from the process's start to the end of training (imports, data, model load included); its "
+        "x guide is the guide's process time over this one's. train MiB: the process's peak memory during training "
+        "minus its memory when training started (model and data loaded): activations, logits, gradients, "
+        "optimizer state. RSS MiB: the whole process's peak."
     )
+
+
+def smol_part(peak: dict) -> None:
+    d = Path(tempfile.mkdtemp(prefix="lorakit-speed-smol-"))
+    results = run_children(SMOL_CONFIGS, d, "smollm2")
+    before = results[0]
+    print(
+        f"\nSmolLM2-135M-Instruct, demo data (192 rows x {SMOL_RECIPE['num_epochs']} epochs, "
+        f"{before['real_tokens']} real tokens), bf16 autocast, LoRA r=16 on 7 projections, batch 4 x 4"
+    )
+    print(
+        f"{'configuration':<46} {'real tok/s':>10} {'x before':>8} {'useful GFLOP/s':>14} {'% bf16 peak':>11} "
+        f"{'held-out loss':>13} {'vs before':>9}"
+    )
+    for r in results:
+        rate = r["useful_flops"] / r["seconds"]
+        print(
+            f"{r['name']:<46} {r['real_tokens'] / r['seconds']:>10.0f} "
+            f"{before['seconds'] / r['seconds']:>8.2f} {rate / 1e9:>14.1f} {100 * rate / peak['bf16']:>10.1f}% "
+            f"{r['held_out_loss']:>13.4f} {100 * (r['held_out_loss'] / before['held_out_loss'] - 1):>+8.1f}%"
+        )
+    print(
+        "% bf16 peak: useful FLOP/s of the training loop over the bf16 matrix-multiply peak measured above."
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--rows", type=int, default=64, help="training rows (trained once, 16 per optimizer step)"
+    )
+    ap.add_argument("--part", choices=("all", "guide", "smollm2"), default="all")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    ap.add_argument("--t0", type=float, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        d = Path(args.dir)
+        out = str(d / "runs" / "".join(c if c.isalnum() else "-" for c in args.child))
+        if args.part == "smollm2":
+            result = smol_child(args.child, out, args.t0)
+        else:
+            result = child(
+                args.child, str(d / "model"), str(d / "train.jsonl"), str(d / "test.jsonl"), out, args.t0
+            )
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    from lorakit.efficiency import measure_matmul_peak
+
+    peak = measure_matmul_peak()  # measured in this run, not the per-machine cache
+    print(
+        f"matrix-multiply peak on this machine: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
+        f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s",
+        flush=True,
+    )
+    if args.part in ("all", "guide"):
+        guide_part(args.rows, peak)
+    if args.part in ("all", "smollm2"):
+        smol_part(peak)
 
 
 if __name__ == "__main__":

@@ -191,3 +191,51 @@ def test_attention_choice():
     assert attention_implementation("auto", EAGER_MAX_TOKENS_CPU) == "eager"
     assert attention_implementation("auto", EAGER_MAX_TOKENS_CPU + 1) == "sdpa"
     assert attention_implementation("sdpa", 10) == "sdpa"
+
+
+def test_a_run_without_quantization_does_not_import_bitsandbytes(tmp_path, tiny_llama, varied):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from lorakit.cli import main\n"
+        f"code = main(['train', '--base_model', {str(tiny_llama)!r}, '--dataset', {str(varied)!r}, "
+        f"'--output_dir', {str(tmp_path / 'o')!r}, '--max_steps', '2', '--lora_r', '4', '--report_to', 'none'])\n"
+        "print('RESULT', code, sys.modules.get('bitsandbytes') is not None)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert "RESULT 0 False" in proc.stdout, proc.stderr[-2000:]
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+def test_bitsandbytes_is_kept_for_what_needs_it():
+    from lorakit.config import TrainConfig
+    from lorakit.launch import needs_bitsandbytes
+
+    assert not needs_bitsandbytes(TrainConfig())
+    assert needs_bitsandbytes(TrainConfig(load_in_4bit=True))
+    assert needs_bitsandbytes(TrainConfig(optim="paged_adamw_8bit"))
+    assert needs_bitsandbytes(TrainConfig(optim="adamw_bnb_8bit"))
+
+
+def test_bf16_runs_the_chunked_loss_under_autocast(tmp_path, tiny_llama, varied, monkeypatch):
+    from lorakit.models import cpu_supports_bf16
+
+    if not cpu_supports_bf16():
+        pytest.skip("this CPU has no bf16")
+    import lorakit.loss as loss
+
+    seen = []
+    real = loss.causal_lm_loss
+
+    def spy(model, inputs, *a, **kw):
+        if model.training:
+            seen.append(
+                torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            )
+        return real(model, inputs, *a, **kw)
+
+    monkeypatch.setattr(loss, "causal_lm_loss", spy)
+    train(base_cfg(tiny_llama, varied, tmp_path / "o", max_steps=2, bf16=True))
+    assert seen and all(seen)

@@ -159,10 +159,19 @@ def test_quantized_weight_bytes():
         if isinstance(m, torch.nn.Linear) and "lora_" not in n and not n.endswith("lm_head")
     )
     other = 8_030_261_248 - linear
-    nf4, _ = weight_bytes(model, TrainConfig(load_in_4bit=True), 2)
-    assert nf4 == pytest.approx(linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + other * 2, rel=1e-6)
-    plain_nf4, _ = weight_bytes(model, TrainConfig(load_in_4bit=True, bnb_4bit_use_double_quant=False), 2)
-    assert plain_nf4 == pytest.approx(linear * (0.5 + 4 / 64) + other * 2, rel=1e-6)
+    embeddings = 2 * 128_256 * 4096  # input embedding and (untied) LM head
+    # bf16 run: embedding and head in bf16, norms in fp32 (PEFT's prepare_model_for_kbit_training)
+    nf4, _ = weight_bytes(model, TrainConfig(load_in_4bit=True, bf16=True), 2)
+    nf4_linear = linear * (0.5 + 1 / 64 + 4 / (64 * 256))
+    assert nf4 == pytest.approx(nf4_linear + embeddings * 2 + (other - embeddings) * 4, rel=1e-6)
+    plain_nf4, _ = weight_bytes(
+        model, TrainConfig(load_in_4bit=True, bf16=True, bnb_4bit_use_double_quant=False), 2
+    )
+    assert plain_nf4 == pytest.approx(
+        linear * (0.5 + 4 / 64) + embeddings * 2 + (other - embeddings) * 4, rel=1e-6
+    )
+    fp32_run, _ = weight_bytes(model, TrainConfig(load_in_4bit=True), 2)  # everything unquantized in fp32
+    assert fp32_run == pytest.approx(nf4_linear + other * 4, rel=1e-6)
     bf16, _ = weight_bytes(model, TrainConfig(), 2)
     assert bf16 == 8_030_261_248 * 2
 

@@ -279,7 +279,8 @@ def test_oom_at_batch_one_gives_advice(tmp_path, tiny_llama, data, monkeypatch):
 
     monkeypatch.setattr(mon, "HealthWatch", AlwaysOOM)
     with pytest.raises(
-        LorakitError, match="out of memory at step 0 with batch_size 1: use --gradient_checkpointing"
+        LorakitError,
+        match="out of memory at step 0 with batch_size 1, gradient_accumulation_steps 2: use --gradient_checkpointing",
     ):
         train(base_cfg(tiny_llama, data, tmp_path / "o", batch_size=2))
 
@@ -320,8 +321,10 @@ def test_rslora_and_dora_switches(tmp_path, tiny_llama, data):
     assert any("lora_magnitude_vector" in k for k in load_file(out / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
-def test_quantized_base_trains_on_this_machine(tmp_path, tiny_llama, data, flag, monkeypatch):
+@pytest.mark.parametrize(
+    "flag,bf16", [("load_in_4bit", False), ("load_in_8bit", False), ("load_in_4bit", True)]
+)
+def test_quantized_base_trains_on_this_machine(tmp_path, tiny_llama, data, flag, bf16, monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -330,15 +333,17 @@ def test_quantized_base_trains_on_this_machine(tmp_path, tiny_llama, data, flag,
 
     real, layers = lt.load_training_model, []
 
-    def spy(cfg, base, precision):
-        model = real(cfg, base, precision)
+    def spy(cfg, base, precision, attention=None):
+        model = real(cfg, base, precision, attention)
         layers.extend(
             type(m) for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
         )
+        # A bf16 run keeps the embedding (tied to the LM head here) in bf16; otherwise PEFT's fp32.
+        assert model.get_input_embeddings().weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
         return model
 
     monkeypatch.setattr(lt, "load_training_model", spy)
-    out = train(base_cfg(tiny_llama, data, tmp_path / "o", max_steps=3, **{flag: True}))
+    out = train(base_cfg(tiny_llama, data, tmp_path / "o", max_steps=3, bf16=bf16, **{flag: True}))
     assert len(layers) == 14  # 7 projections x 2 layers really are quantized
     adapter = load_file(out / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)

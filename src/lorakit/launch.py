@@ -58,10 +58,25 @@ def launch(cfg: TrainConfig, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+BITSANDBYTES_OPTIMIZERS = ("bnb", "8bit", "32bit", "paged", "lion", "ademamix")
+
+
+def needs_bitsandbytes(cfg: TrainConfig) -> bool:
+    """4/8-bit loading and transformers' bitsandbytes optimizers (adamw_bnb_8bit, paged_adamw_8bit,
+    lion_32bit, ademamix, ...) need bitsandbytes; nothing else in a training run does."""
+    return cfg.load_in_4bit or cfg.load_in_8bit or any(k in cfg.optim for k in BITSANDBYTES_OPTIMIZERS)
+
+
 def train_command(cfg: TrainConfig, argv: list[str]) -> int:
     """`lorakit train`: in this process, or again under `accelerate launch` with --num_processes N."""
     if cfg.num_processes > 1 and not under_launcher():
         return launch(cfg, argv)
+    if not needs_bitsandbytes(cfg):
+        # peft and transformers import bitsandbytes whenever it is installed (and it pulls in
+        # torch._inductor): seconds of every run. A None entry in sys.modules is Python's own way
+        # to make a module unimportable; both libraries then see it as absent. Only here, in a
+        # `lorakit train` process that will never quantize, never in library use.
+        sys.modules.setdefault("bitsandbytes", None)
     from .train import train
 
     train(cfg)

@@ -345,14 +345,23 @@ def _traced_peak(config, cfg: TrainConfig, dtype, batch_size: int, seq_len: int)
 def weight_bytes(model, cfg: TrainConfig, dtype_bytes: int) -> tuple[int, int]:
     """(bytes of the frozen base weights, bytes of the largest de-quantized layer temporary).
 
-    bitsandbytes quantizes every nn.Linear of the base but the output head; other parameters
-    (embeddings, norms, lm_head) stay in the compute dtype.
+    bitsandbytes quantizes every nn.Linear of the base but the output head; the other parameters
+    (norms, biases) are then cast to fp32 by PEFT's prepare_model_for_kbit_training, which lorakit
+    runs on every 4/8-bit base, and so are the embedding and LM head unless the run is in a half
+    dtype (bf16/fp16), where lorakit keeps them in it (models.load_training_model).
       NF4: 0.5 byte/param + one absmax per 64-value block: fp32 (4 B), or with double
            quantization 1 B plus an fp32 per 256 blocks.
       int8 (LLM.int8): 1 byte/param + one fp32 scale per output row.
     """
     import torch
 
+    quantized = cfg.load_in_4bit or cfg.load_in_8bit
+    other_bytes = 4 if quantized else dtype_bytes
+    half_embeddings = set()
+    if quantized and cfg.precision != "fp32":
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                half_embeddings.add(id(module.weight))
     total = largest = 0
     seen: set[int] = set()
     for name, module in model.named_modules():
@@ -378,12 +387,12 @@ def weight_bytes(model, cfg: TrainConfig, dtype_bytes: int) -> tuple[int, int]:
             total += n * dtype_bytes
         if module.bias is not None:
             seen.add(id(module.bias))
-            total += module.bias.numel() * dtype_bytes
+            total += module.bias.numel() * other_bytes
     for p in model.parameters():
         if id(p) in seen or p.requires_grad:
             continue
         seen.add(id(p))
-        total += p.numel() * dtype_bytes
+        total += p.numel() * (dtype_bytes if id(p) in half_embeddings else other_bytes)
     return total, largest
 
 

@@ -146,7 +146,10 @@ class LorakitTrainer(Trainer):
         if self.chunked_loss and self.args.world_size == 1:
             from .loss import causal_lm_loss
 
-            loss = causal_lm_loss(model, inputs, num_items_in_batch)
+            # accelerate applies --bf16/--fp16 autocast by wrapping the model's forward, which the
+            # chunked loss does not call (it runs the decoder and the head itself): same context here.
+            with self.accelerator.autocast():
+                loss = causal_lm_loss(model, inputs, num_items_in_batch)
             result = (loss, {}) if return_outputs else loss  # evaluation only needs the loss
         else:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
