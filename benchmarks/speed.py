@@ -6,8 +6,9 @@ from lorakit's encoder in both), same LoRA (r=64 on the seven projections, the g
 
   guide     transformers Trainer + PEFT, every row padded to max_seq_length (1024), default
             collator, model loss over full [tokens, vocab] logits, fp32
-  lorakit   `lorakit train` defaults (rows padded to the longest of their batch, batches grouped
-            by length, chunked loss on supervised positions only), then each option added alone
+  lorakit   `lorakit train` defaults (rows padded to the longest of their micro-batch, steps grouped
+            by length and cut into micro-batches by padded size, chunked loss on supervised
+            positions only), then each option added alone
 
 Each configuration runs in its own process (peak RSS is per process). Prints real (non-pad)
 tokens/s of the training loop and peak memory with ratios to the guide, the whole process's time
@@ -47,7 +48,8 @@ CONFIGS = {
     "guide without grad. checkpointing": {},
     "lorakit: padding to longest only": {"group_by_length": False, "chunked_loss": False},
     "lorakit: + length grouping": {"chunked_loss": False},
-    "lorakit: + chunked loss (defaults)": {},
+    "lorakit: + chunked loss": {"regroup_micro_batches": False},
+    "lorakit: + regrouped micro-batches (defaults)": {},
     "lorakit: + bf16 autocast": {"bf16": True},
     "lorakit: + bf16, lora_dropout 0": {"bf16": True, "lora_dropout": 0.0},
     "lorakit: defaults + padding_free": {"padding_free": True},
@@ -70,8 +72,11 @@ SMOL_RECIPE = dict(
     max_seq_length=256,
 )
 SMOL_CONFIGS = {
-    "SmolLM2: before (SDPA, row micro-batches)": {"attn_implementation": "sdpa"},
-    "SmolLM2: defaults (CPU attention choice)": {},
+    "SmolLM2: before (SDPA, row micro-batches)": {
+        "attn_implementation": "sdpa",
+        "regroup_micro_batches": False,
+    },
+    "SmolLM2: defaults (eager attention, regrouped rows)": {},
     "SmolLM2: SDPA + max_tokens_per_batch 4096": {
         "attn_implementation": "sdpa",
         "max_tokens_per_batch": 4096,

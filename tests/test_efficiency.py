@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.data import Collator
+from lorakit.data import MICRO_BATCH_COST, Collator
 from lorakit.efficiency import Counter, Shape, useful_flops
 from lorakit.models import EAGER_MAX_TOKENS_CPU, attention_implementation
 from lorakit.train import train
@@ -48,6 +48,55 @@ def test_token_groups_cover_every_row_once_within_the_budget():
     assert len(packed) < len(padded)  # packing wastes no budget on padding
 
 
+def _cost(groups, lengths):
+    return sum(len(g) * max(lengths[i] for i in g) + MICRO_BATCH_COST for g in groups)
+
+
+def test_padded_groups_are_the_cheapest_cut():
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _trial in range(60):
+        lengths = [int(rng.lognormvariate(4.5, 0.9)) + 1 for _ in range(rng.randint(1, 9))]
+        budget = rng.choice([150, 400, 1000, 5000])
+        groups = Collator(0, max_tokens_per_batch=budget).token_groups(lengths)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= budget for g in groups)
+        # every way to cut the rows (as sorted by length) into runs that fit: none is cheaper
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        best = None
+        for cuts in itertools.product([0, 1], repeat=len(order) - 1):
+            runs, start = [], 0
+            for k, c in enumerate(cuts, 1):
+                if c:
+                    runs.append(order[start:k])
+                    start = k
+            runs.append(order[start:])
+            if all(len(r) == 1 or len(r) * lengths[r[0]] <= budget for r in runs):
+                cost = _cost(runs, lengths)
+                best = cost if best is None else min(best, cost)
+        assert _cost(groups, lengths) == best
+
+
+def test_regrouped_rows_pad_less_and_never_exceed_the_row_cut():
+    import random
+
+    rng = random.Random(1)
+    for _trial in range(40):
+        lengths = [int(rng.lognormvariate(5, 0.9)) + 1 for _ in range(16)]
+        rows = [{"input_ids": [1] * n, "labels": [1] * n} for n in lengths]
+        out = Collator(0, regroup_rows=4)(rows)
+        parts = out.get("micro_batches", [out])
+        widths = sorted(lengths, reverse=True)
+        by_rows = [4 * widths[k] for k in range(0, 16, 4)]  # 4-row micro-batches, longest first
+        assert sum(p["input_ids"].shape[0] for p in parts) == 16
+        assert max(p["input_ids"].numel() for p in parts) <= max(by_rows)
+        assert sum(p["input_ids"].numel() for p in parts) + MICRO_BATCH_COST * len(parts) <= sum(
+            by_rows
+        ) + MICRO_BATCH_COST * len(by_rows)
+
+
 def test_collated_micro_batches_hold_the_steps_rows():
     rows = [
         {"input_ids": list(range(n)), "labels": [-100] * (n // 2) + list(range(n // 2, n))}
@@ -57,8 +106,8 @@ def test_collated_micro_batches_hold_the_steps_rows():
     parts = out["micro_batches"]
     assert [p["input_ids"].shape for p in parts] == [
         torch.Size([1, 9]),
-        torch.Size([2, 7]),
-        torch.Size([1, 3]),
+        torch.Size([1, 7]),
+        torch.Size([2, 5]),
     ]
     supervised = sum(int((p["labels"] != -100).sum()) for p in parts)
     assert supervised == int((out["labels"] != -100).sum())
@@ -87,7 +136,7 @@ def test_token_budget_trains_the_same_steps_in_fewer_larger_micro_batches(
 ):
     common = dict(max_steps=6, batch_size=2, gradient_accumulation_steps=4, padding_free=padding_free)
     shapes = _calls(monkeypatch)
-    rows_ref = train(base_cfg(tiny_llama, varied, tmp_path / "rows", **common))
+    rows_ref = train(base_cfg(tiny_llama, varied, tmp_path / "rows", regroup_micro_batches=False, **common))
     by_rows = list(shapes)
     shapes.clear()
     tokens_ref = train(base_cfg(tiny_llama, varied, tmp_path / "tokens", max_tokens_per_batch=320, **common))
@@ -96,7 +145,29 @@ def test_token_budget_trains_the_same_steps_in_fewer_larger_micro_batches(
     assert len(by_rows) == 6 * 4
     assert len(by_tokens) < len(by_rows)  # larger micro-batches
     assert all(b * t <= 320 or (b == 1 and not padding_free) for b, t in by_tokens)
+    _same_training(rows_ref, tokens_ref)
+    saved = (tokens_ref / "lorakit.yaml").read_text()
+    assert "max_tokens_per_batch: 320" in saved and "batch_size: 2" in saved  # the user's settings
 
+
+def test_regrouped_rows_train_the_same_steps_with_less_padding(tmp_path, tiny_llama, varied, monkeypatch):
+    common = dict(max_steps=6, batch_size=2, gradient_accumulation_steps=4)
+    shapes = _calls(monkeypatch)
+    rows_ref = train(base_cfg(tiny_llama, varied, tmp_path / "rows", regroup_micro_batches=False, **common))
+    by_rows = list(shapes)
+    shapes.clear()
+    regrouped = train(base_cfg(tiny_llama, varied, tmp_path / "regrouped", **common))
+    by_size = list(shapes)
+
+    assert len(by_rows) == 6 * 4 and all(b == 2 for b, _ in by_rows)
+    assert sum(b * t for b, t in by_size) < sum(b * t for b, t in by_rows)  # less padding
+    assert max(b * t for b, t in by_size) <= max(b * t for b, t in by_rows)  # no larger peak
+    assert any(b != 2 for b, _ in by_size)
+    _same_training(rows_ref, regrouped)
+    assert "batch_size: 2" in (regrouped / "lorakit.yaml").read_text()
+
+
+def _same_training(rows_ref, other):
     def losses(out):
         return [
             r["loss"]
@@ -104,13 +175,11 @@ def test_token_budget_trains_the_same_steps_in_fewer_larger_micro_batches(
             if "loss" in r
         ]
 
-    assert losses(tokens_ref) == pytest.approx(losses(rows_ref), rel=1e-5)
+    assert losses(other) == pytest.approx(losses(rows_ref), rel=1e-5)
     a = load_file(rows_ref / "adapter_model.safetensors")
-    b = load_file(tokens_ref / "adapter_model.safetensors")
+    b = load_file(other / "adapter_model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
-    saved = (tokens_ref / "lorakit.yaml").read_text()
-    assert "max_tokens_per_batch: 320" in saved and "batch_size: 2" in saved  # the user's settings
 
 
 def test_out_of_memory_halves_the_token_budget(tmp_path, tiny_llama, varied, monkeypatch):

@@ -121,7 +121,7 @@ def test_eval_adapter_against_base_writes_reports(tmp_path, tiny_llama, test_row
             output_dir=str(tmp_path / "a"),
             max_steps=8,
             lora_r=8,
-            learning_rate=5e-2,
+            learning_rate=1e-2,  # 5e-2 oscillates on this random tiny model: a coin toss, not a test
             batch_size=8,
             gradient_accumulation_steps=1,
             warmup_steps=0,

@@ -120,3 +120,37 @@ def test_padding_free_training_runs(tmp_path, tiny_llama):
         )
     )
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_the_padding_mask_is_dropped_only_where_right_padding_makes_it_moot(lora_model, smol_tokenizer):
+    import lorakit.loss as loss
+
+    seen = []
+    decoder = lora_model.get_base_model().model
+    real = decoder.forward
+
+    def spy(*a, **kw):
+        seen.append(kw.get("attention_mask"))
+        return real(*a, **kw)
+
+    batch = Collator(smol_tokenizer.pad_token_id)(examples(smol_tokenizer))
+    batch.pop("sources")
+    decoder.forward = spy
+    try:
+        right = loss.causal_lm_loss(lora_model, batch)
+        # the same rows padded on the left: the mask is needed and kept
+        width = batch["input_ids"].shape[1]
+        lengths = batch["attention_mask"].sum(1).tolist()
+        left = {
+            k: torch.stack([torch.cat([row[n:], row[:n]]) for row, n in zip(batch[k], lengths)])
+            for k in ("input_ids", "labels", "attention_mask")
+        }
+        left["position_ids"] = (left["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        assert min(lengths) < width  # some row is padded
+        left_loss = loss.causal_lm_loss(lora_model, left)
+    finally:
+        decoder.forward = real
+    assert seen[0] is None and seen[1] is not None
+    plain = lora_model(**batch).loss  # the model's own loss, with the mask
+    assert torch.allclose(right, plain, atol=1e-6)
+    assert torch.allclose(left_loss, plain, atol=1e-5)

@@ -258,7 +258,15 @@ def test_oom_backoff_keeps_effective_batch_and_finishes(tmp_path, tiny_llama, da
 
     monkeypatch.setattr(mon, "HealthWatch", OOMAtStep3)
     out = train(
-        base_cfg(tiny_llama, data, tmp_path / "o", max_steps=8, batch_size=4, gradient_accumulation_steps=2)
+        base_cfg(
+            tiny_llama,
+            data,
+            tmp_path / "o",
+            max_steps=8,
+            batch_size=4,
+            gradient_accumulation_steps=2,
+            regroup_micro_batches=False,  # the Trainer itself sees the row micro-batches
+        )
     )
     summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["steps"] == 8 and summary["status"] == "finished"
@@ -268,6 +276,39 @@ def test_oom_backoff_keeps_effective_batch_and_finishes(tmp_path, tiny_llama, da
     ]
     assert all(bs * ga == 8 for _, bs, ga in seen)  # the effective batch never changed
     assert seen[-1][1:] == (1, 8) and min(s for s, bs, _ in seen if bs == 1) == 3  # continued from step 3
+
+
+def test_oom_backoff_with_regrouped_rows_halves_the_row_cut(tmp_path, tiny_llama, data, monkeypatch):
+    import lorakit.data as lkdata
+    import lorakit.monitor as mon
+
+    seen, cuts = [], []
+
+    class OOMAtStep3(mon.HealthWatch):
+        def on_step_begin(self, args, state, control, **kw):
+            seen.append((args.per_device_train_batch_size, args.gradient_accumulation_steps))
+            if state.global_step == 3 and len(cuts) == 0:
+                cuts.append(state.global_step)
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    budgets = []
+    real_init = lkdata.Collator.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        budgets.append(self.regroup_rows)
+
+    monkeypatch.setattr(mon, "HealthWatch", OOMAtStep3)
+    monkeypatch.setattr(lkdata.Collator, "__init__", init)
+    out = train(
+        base_cfg(tiny_llama, data, tmp_path / "o", max_steps=8, batch_size=4, gradient_accumulation_steps=2)
+    )
+    summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["steps"] == 8 and summary["status"] == "finished"
+    assert [(b["batch_size"], b["gradient_accumulation_steps"]) for b in summary["oom_backoffs"]] == [(2, 4)]
+    assert set(seen) == {(8, 1)}  # the Trainer gets whole steps; the collator cuts them
+    assert budgets[:2] == [4, 2]  # rows of the cut's budget: batch_size x the step's longest row
+    assert "batch_size: 2" in (out / "lorakit.yaml").read_text()
 
 
 def test_oom_at_batch_one_gives_advice(tmp_path, tiny_llama, data, monkeypatch):

@@ -409,6 +409,13 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         resumable=True,
         check=NON_NEGATIVE,
     )
+    regroup_micro_batches: bool = opt(
+        True,
+        "Cut each optimizer step's rows into micro-batches by padded size instead of batch_size rows in "
+        "order: none larger than batch_size x the step's longest row (the same peak memory), less padding; the "
+        "step and its loss are unchanged. Used with one process and --chunked_loss.",
+        resumable=True,
+    )
     torch_compile: bool = opt(
         False,
         "Compile the model with torch.compile (slow first steps, recompiles for new shapes).",

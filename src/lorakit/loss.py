@@ -63,9 +63,15 @@ def causal_lm_loss(model, inputs: dict, num_items=None, chunk_size: int = 1024):
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = causal.get_decoder() if hasattr(causal, "get_decoder") else causal.model
     head = causal.get_output_embeddings()
+    mask = inputs.get("attention_mask")
+    if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        # Right padding only: under a causal mask a real token attends to earlier positions,
+        # all real, so the padding mask changes nothing the loss reads. Without it attention
+        # runs causal (SDPA skips the blocks above the diagonal) instead of dense with a mask.
+        mask = None
     out = decoder(
         input_ids=inputs["input_ids"],
-        attention_mask=inputs.get("attention_mask"),
+        attention_mask=mask,
         position_ids=inputs.get("position_ids"),
         use_cache=False,
     )

@@ -471,6 +471,9 @@ def add_lora(cfg: TrainConfig, model):
         raise LorakitError(
             f"--target_modules {','.join(cfg.target_modules)}: {str(e).splitlines()[0]}"
         ) from None
+    from .dropout import use_cpu_dropout
+
+    use_cpu_dropout(model)
     if cfg.gradient_checkpointing and not (cfg.load_in_4bit or cfg.load_in_8bit):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -167,7 +167,7 @@ def fit(run: Run, extra_callbacks: list, stop_at_step: int | None) -> Fit:
         "signals": StopOnSignal(),
         "counter": Counter(),
     }
-    batch = Batching(cfg.batch_size, cfg.gradient_accumulation_steps, cfg.max_tokens_per_batch)
+    batch = Batching(cfg.batch_size, cfg.gradient_accumulation_steps, cfg.max_tokens_per_batch, regroups(cfg))
     checkpoint, backoffs = run.checkpoint, []
     shared["signals"].install()
     try:
@@ -187,20 +187,36 @@ def fit(run: Run, extra_callbacks: list, stop_at_step: int | None) -> Fit:
         shared["signals"].uninstall()
 
 
+def regroups(cfg: TrainConfig) -> bool:
+    """Whether the step's rows are regrouped by padded size (--regroup_micro_batches): the
+    micro-batches' losses must be divided by the step's label count, which the chunked loss of
+    a single process does."""
+    return (
+        cfg.regroup_micro_batches
+        and not cfg.max_tokens_per_batch
+        and cfg.chunked_loss
+        and not cfg.use_liger_kernel
+        and cfg.num_processes == 1
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    )
+
+
 @dataclass(frozen=True)
 class Batching:
-    """How an optimizer step's rows are cut: `accumulation` micro-batches of `batch_size` rows, or
-    (tokens > 0) micro-batches of at most `tokens` padded tokens out of the step's rows."""
+    """How an optimizer step's rows are cut: `accumulation` micro-batches of `batch_size` rows
+    (regrouped: into micro-batches of at most batch_size x the step's longest row in padded
+    tokens, see Collator), or (tokens > 0) micro-batches of at most `tokens` padded tokens."""
 
     batch_size: int
     accumulation: int
     tokens: int
+    regroup: bool = False
 
     def halved(self) -> Batching:
         """The next smaller cut after an out-of-memory error, same rows per optimizer step."""
         if self.tokens:
             return dataclasses.replace(self, tokens=self.tokens // 2)
-        return Batching(self.batch_size // 2, self.accumulation * 2, 0)
+        return Batching(self.batch_size // 2, self.accumulation * 2, 0, self.regroup)
 
     def can_halve(self) -> bool:
         return self.tokens >= 2 * MIN_TOKENS_PER_BATCH if self.tokens else self.batch_size > 1
@@ -238,7 +254,7 @@ def _build_trainer(run: Run, batch: Batching, shared: dict, extra: list, stop_at
     trainer = LorakitTrainer(
         model=run.model,
         args=training_arguments(
-            step_cut(cfg), run.out, run.precision, total_steps, bool(run.data.val), cfg.batch_size
+            step_cut(cfg, batch), run.out, run.precision, total_steps, bool(run.data.val), cfg.batch_size
         ),
         train_dataset=run.data.train,
         eval_dataset=run.data.val or None,
@@ -247,6 +263,7 @@ def _build_trainer(run: Run, batch: Batching, shared: dict, extra: list, stop_at
             # flash-attention's variable-length kernel is what packed rows are for
             padding_free=cfg.padding_free or run.attention in FLASH_ATTENTION,
             max_tokens_per_batch=cfg.max_tokens_per_batch,
+            regroup_rows=batch.batch_size if batch.regroup else 0,
         ),
         processing_class=run.tokenizer,
         callbacks=listed,
@@ -259,10 +276,10 @@ def _build_trainer(run: Run, batch: Batching, shared: dict, extra: list, stop_at
     return trainer, callbacks
 
 
-def step_cut(cfg: TrainConfig) -> TrainConfig:
-    """The Trainer's view of --max_tokens_per_batch: one batch per optimizer step holding all its
-    rows (the collator cuts it into token-budget micro-batches)."""
-    if not cfg.max_tokens_per_batch:
+def step_cut(cfg: TrainConfig, batch: Batching) -> TrainConfig:
+    """The Trainer's view of --max_tokens_per_batch and regrouped rows: one batch per optimizer
+    step holding all its rows (the collator cuts it into micro-batches)."""
+    if not (batch.tokens or batch.regroup):
         return cfg
     step_rows = cfg.batch_size * cfg.gradient_accumulation_steps
     return dataclasses.replace(cfg, batch_size=step_rows, gradient_accumulation_steps=1)
