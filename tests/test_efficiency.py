@@ -308,3 +308,55 @@ def test_bf16_runs_the_chunked_loss_under_autocast(tmp_path, tiny_llama, varied,
     monkeypatch.setattr(loss, "causal_lm_loss", spy)
     train(base_cfg(tiny_llama, varied, tmp_path / "o", max_steps=2, bf16=True))
     assert seen and all(seen)
+
+
+def test_bf16_speed_paths_train_bit_for_bit_as_plain_autocast(tmp_path, tiny_llama, varied, monkeypatch):
+    """Frozen linear weights held in bf16, LoRA inputs left in bf16, the LM head cast once: the
+    matmuls see the same bf16 values as when autocast casts everything at every use."""
+    import lorakit.loss as loss
+    import lorakit.models as models
+    import lorakit.train as lktrain
+
+    if not models.cpu_supports_bf16():
+        pytest.skip("this CPU has no native bf16")
+    common = dict(max_steps=4, bf16=True, batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.1)
+    real, cast = models.half_linear_weights, []
+
+    def spy(*a, **kw):
+        cast.append(real(*a, **kw))
+        return cast[-1]
+
+    monkeypatch.setattr(lktrain, "half_linear_weights", spy)
+    fast = train(base_cfg(tiny_llama, varied, tmp_path / "fast", **common))
+    assert cast and cast[0] > 0
+    monkeypatch.setattr(lktrain, "half_linear_weights", lambda *a, **kw: 0)
+    monkeypatch.setattr(lktrain, "keep_lora_input_dtype", lambda *a, **kw: 0)
+    monkeypatch.setattr(loss, "_lm_head", lambda head: head)
+    plain = train(base_cfg(tiny_llama, varied, tmp_path / "plain", **common))
+
+    def losses(out):
+        rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        return [r["loss"] for r in rows if "loss" in r]
+
+    assert losses(fast) == losses(plain)
+    a, b = load_file(fast / "adapter_model.safetensors"), load_file(plain / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(v.dtype == torch.float32 for v in a.values())
+
+
+def test_the_lm_head_is_cast_once_under_autocast():
+    from lorakit.loss import _lm_head
+
+    head = torch.nn.Linear(8, 11, bias=False).requires_grad_(False)
+    h = torch.randn(3, 8)
+    assert _lm_head(head) is head  # no autocast: the module itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f, g = _lm_head(head), _lm_head(head)
+        assert f.keywords["weight"] is g.keywords["weight"]  # cast once, kept
+        assert torch.equal(f(h), head(h))
+        with torch.no_grad():
+            head.weight.add_(1.0)  # a changed weight is cast again
+        assert torch.equal(_lm_head(head)(h), head(h))
+    head.weight.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _lm_head(head) is head  # a trained head: autocast caches it itself

@@ -413,7 +413,8 @@ class TrainConfig(ModelArgs, DataArgs, PromptArgs):
         True,
         "Cut each optimizer step's rows into micro-batches by padded size instead of batch_size rows in "
         "order: none larger than batch_size x the step's longest row (the same peak memory), less padding; the "
-        "step and its loss are unchanged. Used with one process and --chunked_loss.",
+        "step and its loss are unchanged. Used with one process and --chunked_loss, on padded rows (packed: with "
+        "flash-attention only).",
         resumable=True,
     )
     torch_compile: bool = opt(
