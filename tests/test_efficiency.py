@@ -360,3 +360,21 @@ def test_the_lm_head_is_cast_once_under_autocast():
     head.weight.requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _lm_head(head) is head  # a trained head: autocast caches it itself
+
+
+def test_half_linear_weights_leave_the_tied_embedding_and_trained_layers_fp32(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.config import TrainConfig
+    from lorakit.models import add_lora, half_linear_weights
+
+    cfg = TrainConfig(lora_r=4, bf16=True, modules_to_save=["lm_head"])
+    model = add_lora(cfg, AutoModelForCausalLM.from_pretrained(tiny_llama))
+    cast = half_linear_weights(model, cfg, "bf16")
+    if cast == 0:  # a CUDA machine loads the base in bf16 already
+        pytest.skip("the base is not fp32 here")
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.base_layer.weight.dtype == torch.bfloat16
+    assert q.lora_A["default"].weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
