@@ -374,3 +374,25 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("llama.cpp vs transformers/PEFT: max |logit difference|")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+def inject_oom(monkeypatch, when) -> list:
+    """Make every training run raise an injected out-of-memory error at the start of a step where
+    `when(state, args, seen)` holds (`seen`: the steps started so far, this one included).
+    Returns `seen`: (step, per-device batch size, gradient accumulation) at each step start."""
+    import torch
+
+    import lorakit.monitor as mon
+
+    seen = []
+
+    class InjectedOOM(mon.HealthWatch):
+        def on_step_begin(self, args, state, control, **kw):
+            seen.append(
+                (state.global_step, args.per_device_train_batch_size, args.gradient_accumulation_steps)
+            )
+            if when(state, args, seen):
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(mon, "HealthWatch", InjectedOOM)
+    return seen

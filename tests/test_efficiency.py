@@ -12,8 +12,8 @@ from lorakit.efficiency import Counter, Shape, useful_flops
 from lorakit.models import EAGER_MAX_TOKENS_CPU, attention_implementation
 from lorakit.train import train
 
+from .conftest import inject_oom, write_jsonl
 from .conftest import tiny_train_config as base_cfg
-from .conftest import write_jsonl
 
 
 def varied_rows(n: int) -> list[dict]:
@@ -183,19 +183,7 @@ def _same_training(rows_ref, other):
 
 
 def test_out_of_memory_halves_the_token_budget(tmp_path, tiny_llama, varied, monkeypatch):
-    import lorakit.monitor as mon
-
-    seen = []
-
-    class OOMAtStep2(mon.HealthWatch):
-        def on_step_begin(self, args, state, control, **kw):
-            seen.append(
-                (state.global_step, args.per_device_train_batch_size, args.gradient_accumulation_steps)
-            )
-            if state.global_step == 2 and len(seen) < 4:
-                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
-    monkeypatch.setattr(mon, "HealthWatch", OOMAtStep2)
+    seen = inject_oom(monkeypatch, lambda state, args, seen: state.global_step == 2 and len(seen) < 4)
     out = train(
         base_cfg(
             tiny_llama,

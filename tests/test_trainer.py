@@ -15,7 +15,7 @@ from lorakit.checkpoints import CHECKPOINT_MARKER, complete_checkpoints
 from lorakit.errors import LorakitError
 from lorakit.train import train
 
-from .conftest import assemble_rows, write_jsonl
+from .conftest import assemble_rows, inject_oom, write_jsonl
 from .conftest import tiny_train_config as base_cfg
 
 
@@ -244,19 +244,9 @@ def test_nan_guard_stops_after_consecutive_hits(tmp_path, tiny_llama, data, monk
 
 
 def test_oom_backoff_keeps_effective_batch_and_finishes(tmp_path, tiny_llama, data, monkeypatch):
-    import lorakit.monitor as mon
-
-    seen = []
-
-    class OOMAtStep3(mon.HealthWatch):
-        def on_step_begin(self, args, state, control, **kw):
-            seen.append(
-                (state.global_step, args.per_device_train_batch_size, args.gradient_accumulation_steps)
-            )
-            if state.global_step == 3 and args.per_device_train_batch_size > 1:
-                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
-    monkeypatch.setattr(mon, "HealthWatch", OOMAtStep3)
+    seen = inject_oom(
+        monkeypatch, lambda state, args, seen: state.global_step == 3 and args.per_device_train_batch_size > 1
+    )
     out = train(
         base_cfg(
             tiny_llama,
@@ -280,17 +270,11 @@ def test_oom_backoff_keeps_effective_batch_and_finishes(tmp_path, tiny_llama, da
 
 def test_oom_backoff_with_regrouped_rows_halves_the_row_cut(tmp_path, tiny_llama, data, monkeypatch):
     import lorakit.data as lkdata
-    import lorakit.monitor as mon
 
-    seen, cuts = [], []
-
-    class OOMAtStep3(mon.HealthWatch):
-        def on_step_begin(self, args, state, control, **kw):
-            seen.append((args.per_device_train_batch_size, args.gradient_accumulation_steps))
-            if state.global_step == 3 and len(cuts) == 0:
-                cuts.append(state.global_step)
-                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
+    seen = inject_oom(  # the first start of step 3 only
+        monkeypatch,
+        lambda state, args, seen: state.global_step == 3 and [s for s, _, _ in seen].count(3) == 1,
+    )
     budgets = []
     real_init = lkdata.Collator.__init__
 
@@ -298,7 +282,6 @@ def test_oom_backoff_with_regrouped_rows_halves_the_row_cut(tmp_path, tiny_llama
         real_init(self, *a, **kw)
         budgets.append(self.regroup_rows)
 
-    monkeypatch.setattr(mon, "HealthWatch", OOMAtStep3)
     monkeypatch.setattr(lkdata.Collator, "__init__", init)
     out = train(
         base_cfg(tiny_llama, data, tmp_path / "o", max_steps=8, batch_size=4, gradient_accumulation_steps=2)
@@ -306,19 +289,15 @@ def test_oom_backoff_with_regrouped_rows_halves_the_row_cut(tmp_path, tiny_llama
     summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["steps"] == 8 and summary["status"] == "finished"
     assert [(b["batch_size"], b["gradient_accumulation_steps"]) for b in summary["oom_backoffs"]] == [(2, 4)]
-    assert set(seen) == {(8, 1)}  # the Trainer gets whole steps; the collator cuts them
+    assert {(bs, ga) for _, bs, ga in seen} == {
+        (8, 1)
+    }  # the Trainer gets whole steps; the collator cuts them
     assert budgets[:2] == [4, 2]  # rows of the cut's budget: batch_size x the step's longest row
     assert "batch_size: 2" in (out / "lorakit.yaml").read_text()
 
 
 def test_oom_at_batch_one_gives_advice(tmp_path, tiny_llama, data, monkeypatch):
-    import lorakit.monitor as mon
-
-    class AlwaysOOM(mon.HealthWatch):
-        def on_step_begin(self, args, state, control, **kw):
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
-    monkeypatch.setattr(mon, "HealthWatch", AlwaysOOM)
+    inject_oom(monkeypatch, lambda state, args, seen: True)
     with pytest.raises(
         LorakitError,
         match="out of memory at step 0 with batch_size 1, gradient_accumulation_steps 2: use --gradient_checkpointing",
