@@ -392,11 +392,11 @@ def half_linear_weights(model, cfg, precision: str) -> int:
     half, head, cast = torch_dtype(precision), model.get_output_embeddings(), 0
     embedding = getattr(model.get_input_embeddings(), "weight", None)
     for module in model.modules():
-        frozen = not any(p.requires_grad for p in module.parameters())
         # A head tied to the embedding (also one inside a modules_to_save wrapper) stays fp32,
         # or the embedding, and with it the residual stream, would turn bf16.
-        tied = module.weight is embedding if isinstance(module, torch.nn.Linear) else False
-        if isinstance(module, torch.nn.Linear) and module is not head and frozen and not tied:
+        if not isinstance(module, torch.nn.Linear) or module is head or module.weight is embedding:
+            continue
+        if not any(p.requires_grad for p in module.parameters()):
             module.to(half)
             cast += 1
     return cast
