@@ -7,6 +7,8 @@ tests run offline and exercise the real chat template.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -396,3 +398,48 @@ def inject_oom(monkeypatch, when) -> list:
 
     monkeypatch.setattr(mon, "HealthWatch", InjectedOOM)
     return seen
+
+
+# ------------------------------------------------------------------------------------------------
+# A real browser: the system Chromium driven through chromedriver (Selenium)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        missing = "chromium" if not chromium else "chromedriver"
+        reason = f"{missing} is not installed (apt-get install chromium chromium-driver; `make test` does)"
+        if os.environ.get("LORAKIT_ALLOW_NO_BROWSER") == "1":
+            pytest.skip(reason)
+        pytest.fail(reason + "; set LORAKIT_ALLOW_NO_BROWSER=1 to skip the browser tests")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1360,1000")
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def wait(driver, seconds: float, condition, message: str):
+    """Poll `condition` until it holds. The page redraws a chart by replacing its elements, so a
+    poll may find none (IndexError) or hold one that was just replaced (stale): poll again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ignored = (IndexError, StaleElementReferenceException)
+    return WebDriverWait(driver, seconds, poll_frequency=0.1, ignored_exceptions=ignored).until(
+        condition, message
+    )
+
+
+def css(driver, selector: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, selector)

@@ -1,8 +1,8 @@
 """`lorakit dashboard`: run status from files, the API, and the page in a real browser.
 
-The browser tests drive the system Chromium through chromedriver (Debian's `chromium` and
-`chromium-driver`, installed by .ci/run). Without them the tests fail, unless
-LORAKIT_ALLOW_NO_BROWSER=1 allows them to be skipped. With LORAKIT_SCREENSHOTS=DIR the views are
+The browser tests drive the system Chromium through chromedriver (conftest.browser; `make test`
+installs Debian's `chromium` and `chromium-driver` when missing). Without them the tests fail,
+unless LORAKIT_ALLOW_NO_BROWSER=1 allows them to be skipped. With LORAKIT_SCREENSHOTS=DIR the views are
 also saved there as PNG files.
 """
 
@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from lorakit import rundir
+from lorakit.access import Access
 from lorakit.config import DashboardConfig, DataCheckConfig, EvalConfig
 from lorakit.dashboard import Dashboard, build_dashboard_app
 
-from .conftest import assemble_rows, tiny_train_config, write_jsonl
+from .conftest import assemble_rows, css, tiny_train_config, wait, write_jsonl
 
 KEY = "sk-dashboard-test"
 
@@ -100,7 +101,8 @@ def _serve(cfg: DashboardConfig, api_key: str = ""):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()
-    server = uvicorn.Server(uvicorn.Config(build_dashboard_app(board, api_key), log_level="warning"))
+    app = build_dashboard_app(board, Access(key=api_key))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -283,47 +285,6 @@ def test_plan_then_train_from_the_form(site, runs, tiny_llama, tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # In a real browser
-
-
-@pytest.fixture(scope="module")
-def browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        missing = "chromium" if not chromium else "chromedriver"
-        reason = f"{missing} is not installed (apt-get install chromium chromium-driver; .ci/run does)"
-        if os.environ.get("LORAKIT_ALLOW_NO_BROWSER") == "1":
-            pytest.skip(reason)
-        pytest.fail(reason + "; set LORAKIT_ALLOW_NO_BROWSER=1 to skip the browser tests")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    options.add_argument("--window-size=1360,1000")
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    yield driver
-    driver.quit()
-
-
-def wait(driver, seconds: float, condition, message: str):
-    """Poll `condition` until it holds. The page redraws a chart by replacing its elements, so a
-    poll may find none (IndexError) or hold one that was just replaced (stale): poll again."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    ignored = (IndexError, StaleElementReferenceException)
-    return WebDriverWait(driver, seconds, poll_frequency=0.1, ignored_exceptions=ignored).until(
-        condition, message
-    )
-
-
-def css(driver, selector: str):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_elements(By.CSS_SELECTOR, selector)
 
 
 def screenshot(driver, name: str) -> None:

@@ -191,7 +191,13 @@ def _check_dashboard(line: str, port: int, cwd: Path) -> None:
     """The dashboard lists the adapter trained above as finished, then stops."""
     proc = _start_server(line, cwd, ready="dashboard of")
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs", timeout=30) as r:
+        url = proc.ready_line.split("open ", 1)[1].split()[0]
+        assert url.startswith(f"http://127.0.0.1:{port}/?token=")
+        token = url.split("token=", 1)[1]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/runs", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
             runs = {run["id"]: run["status"] for run in json.loads(r.read())["runs"]}
         assert runs.get("my-adapter") == "finished", runs
     finally:
@@ -218,6 +224,7 @@ def _start_server(line: str, cwd: Path, ready: str = "serving") -> subprocess.Po
     while time.time() < end:
         text = proc.stdout.readline()
         if ready in text:
+            proc.ready_line = text  # the line it printed (the dashboard's holds its URL and token)
             return proc
         if proc.poll() is not None:
             raise AssertionError(f"{line} exited: {proc.stdout.read()}")

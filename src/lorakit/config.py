@@ -659,19 +659,33 @@ class ChatConfig(ModelArgs, PromptArgs, GreedyArgs, AdapterArgs):
 
 
 @dataclass
-class ServeConfig(ModelArgs, PromptArgs, SamplingArgs):
+class ListenArgs(Checked):
+    """Where a local web server listens and who may talk to it (lorakit.access has the rules)."""
+
+    host: str = opt("127.0.0.1", "Address to bind (127.0.0.1 = this machine only).")
+    api_key: str = opt(
+        "",
+        "Require `Authorization: Bearer KEY` on the API ('' = the LORAKIT_API_KEY environment "
+        "variable, which `ps` does not show; neither = none for serve, a per-launch token for the dashboard).",
+    )
+    allowed_origins: list[str] = opt(
+        [],
+        "Web origins (scheme://host:port, shell patterns allowed) whose pages may call the API; "
+        "LORAKIT_ALLOWED_ORIGINS adds more. Other origins get HTTP 403.",
+    )
+    insecure_no_key: bool = opt(
+        False, "Allow a non-loopback --host without a key (and the dashboard without its token)."
+    )
+
+
+@dataclass
+class ServeConfig(ModelArgs, PromptArgs, SamplingArgs, ListenArgs):
     adapter: list[str] = opt(
         [],
         "Adapters to serve as NAME=DIR (several share one base; the request's model picks one).",
         commas=False,
     )
-    host: str = opt("127.0.0.1", "Address to bind (127.0.0.1 = this machine only).")
     port: int = opt(8000, "Port to listen on (0 = any free port, printed at start).", check=between(0, 65535))
-    api_key: str = opt(
-        "",
-        "Require `Authorization: Bearer KEY` on every request ('' = the LORAKIT_API_KEY environment "
-        "variable, which `ps` does not show; neither = no key).",
-    )
     max_tokens_limit: int = opt(1024, "Largest max_tokens a request may ask for.", check=POSITIVE)
     max_request_bytes: int = opt(
         1_000_000, "Largest request body accepted (larger: HTTP 413).", check=POSITIVE
@@ -701,11 +715,9 @@ def same_as(cls: type, name: str) -> Any:
 
 
 @dataclass
-class DashboardConfig(Checked):
+class DashboardConfig(ListenArgs):
     runs_dir: str = opt("outputs", "Directory holding the run directories to show (searched 4 levels deep).")
-    host: str = same_as(ServeConfig, "host")
     port: int = opt(7860, "Port to listen on (0 = any free port, printed at start).", check=between(0, 65535))
-    api_key: str = same_as(ServeConfig, "api_key")
     stale_after: int = opt(
         600,
         "Seconds without a new metrics line after which an unfinished run counts as interrupted, not running.",

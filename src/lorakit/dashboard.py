@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -30,12 +31,13 @@ import sys
 import threading
 import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from . import rundir
+from .access import LOCAL, Access, access_for, check_bind, configured_key, guarded
 from .config import DashboardConfig, PlanConfig, ServeConfig, TrainConfig, form_value, resolve
 from .errors import LorakitError
 
@@ -43,6 +45,9 @@ ASSETS = ("index.html", "app.js", "chart.js", "app.css")
 MEDIA = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 # Training fields the form does not offer: they make no sense for a run started from the page.
 FORM_HIDDEN = {"resume_from_checkpoint", "num_processes", "distributed"}
+# ... and those it refuses: running a model's own Python code is for the terminal, where the user
+# types it, never for a request that any page could have sent.
+FORM_REFUSED = {"trust_remote_code"}
 PLAN_FIELDS = ("gpu", "gpu_memory", "num_gpus", "utilization")
 MAX_ENGINES = 2  # chat models kept loaded (one per run talked to); the oldest is closed beyond that
 
@@ -153,7 +158,7 @@ class ChatEngines:
                 self.loaded[run] = self.loaded.pop(run)  # most recently used last
                 return self.loaded[run][1]
             engine = await asyncio.to_thread(Engine, self.serve_config(run))
-            self.loaded[run] = (engine, build_app(engine))
+            self.loaded[run] = (engine, build_app(engine, access=None))  # behind the dashboard's
             while len(self.loaded) > MAX_ENGINES:
                 old = next(iter(self.loaded))
                 self.loaded.pop(old)[0].close()
@@ -173,7 +178,10 @@ def form_fields() -> list[dict]:
     """The train fields, then the planner's own, as the page draws them (from the dataclasses)."""
     fields = []
     for cls, names in (
-        (TrainConfig, [f.name for f in dataclasses.fields(TrainConfig) if f.name not in FORM_HIDDEN]),
+        (
+            TrainConfig,
+            [f.name for f in dataclasses.fields(TrainConfig) if f.name not in FORM_HIDDEN | FORM_REFUSED],
+        ),
         (PlanConfig, list(PLAN_FIELDS)),
     ):
         by_name = {f.name: f for f in dataclasses.fields(cls)}
@@ -206,14 +214,19 @@ def form_fields() -> list[dict]:
     return fields
 
 
-def configs_from_form(values: dict) -> tuple[TrainConfig, PlanConfig]:
-    """The form's values (strings, booleans, lists) checked as the flags would be."""
+def configs_from_form(values: dict, root: Path) -> tuple[TrainConfig, PlanConfig]:
+    """The form's values (strings, booleans, lists) checked as the flags would be; the run is
+    written inside the runs directory `root` (a relative output_dir is taken from there)."""
     if not isinstance(values, dict):
         raise BadRequest("the form must be a JSON object")
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
     flags: dict[str, Any] = {}
     try:
         for name, value in values.items():
+            if name in FORM_REFUSED:
+                raise BadRequest(
+                    f"{name} cannot be set from the dashboard: run `lorakit train --{name}` yourself"
+                )
             if name not in train_names and name not in PLAN_FIELDS:
                 raise BadRequest(f"unknown field {name!r}")
             if value is None or value == "" and name in PLAN_FIELDS:
@@ -222,6 +235,10 @@ def configs_from_form(values: dict) -> tuple[TrainConfig, PlanConfig]:
         plan_cfg = resolve(PlanConfig, flags)
     except LorakitError as e:
         raise BadRequest(str(e)) from None
+    out = (root / Path(plan_cfg.output_dir).expanduser()).resolve()
+    if not out.is_relative_to(root) or out == root:
+        raise BadRequest(f"output_dir {plan_cfg.output_dir}: a run started here is written inside {root}")
+    plan_cfg = replace(plan_cfg, output_dir=str(out))
     train_cfg = TrainConfig(**{k: v for k, v in dataclasses.asdict(plan_cfg).items() if k in train_names})
     return train_cfg, plan_cfg
 
@@ -308,34 +325,6 @@ class Dashboard:
         }
 
 
-def _auth_middleware(app, api_key: str):
-    """The API and the chat need `Authorization: Bearer KEY` when a key is set; the page itself
-    (static files, no data) does not: it asks for the key and sends it."""
-
-    async def wrapped(scope, receive, send):
-        if (
-            api_key
-            and scope["type"] == "http"
-            and scope["path"].startswith(("/api/", "/chat/"))
-            and dict(scope["headers"]).get(b"authorization", b"").decode("latin-1") != f"Bearer {api_key}"
-        ):
-            body = json.dumps(
-                {"error": {"message": "Incorrect API key provided.", "code": "invalid_api_key"}}
-            )
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 401,
-                    "headers": [(b"content-type", b"application/json")],
-                }
-            )
-            await send({"type": "http.response.body", "body": body.encode()})
-            return
-        await app(scope, receive, send)
-
-    return wrapped
-
-
 def _chat_mount(board: Dashboard):
     """/chat/v1/...?run=ID: serve's app on that run's engine, the path given without /chat."""
     from urllib.parse import parse_qs
@@ -359,7 +348,10 @@ def _chat_mount(board: Dashboard):
     return app
 
 
-def build_dashboard_app(board: Dashboard, api_key: str = ""):
+def build_dashboard_app(board: Dashboard, access: Access | None = None):
+    """The page and its API behind `access` (lorakit.access): the page itself (static files, no
+    data) needs no key; the API and the chat need the key or the per-launch token, which the page
+    takes from the URL it was opened with (or asks for) and sends."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
@@ -402,7 +394,7 @@ def build_dashboard_app(board: Dashboard, api_key: str = ""):
             values = json.loads(await request.body())
         except ValueError as e:
             raise BadRequest(f"the request body is not valid JSON ({e})") from None
-        return configs_from_form(values)
+        return configs_from_form(values, board.root)
 
     async def plan(request: Request):
         train_cfg, plan_cfg = await read_form(request)
@@ -444,7 +436,7 @@ def build_dashboard_app(board: Dashboard, api_key: str = ""):
         Mount("/chat", app=_chat_mount(board)),
     ]
     app = Starlette(routes=routes, exception_handlers={BadRequest: on_bad_request})
-    return _auth_middleware(app, api_key)
+    return guarded(app, replace(access or LOCAL, public=("/", "/assets/*")))
 
 
 def dashboard(cfg: DashboardConfig, ready: threading.Event | None = None) -> None:
@@ -452,12 +444,17 @@ def dashboard(cfg: DashboardConfig, ready: threading.Event | None = None) -> Non
     root = Path(cfg.runs_dir).expanduser()
     if not root.is_dir():
         raise LorakitError(f"--runs_dir {cfg.runs_dir}: no such directory (train a run into it first)")
-    api_key = cfg.api_key or os.environ.get("LORAKIT_API_KEY", "")
+    # No key given: a per-launch token, in the URL printed below (as Jupyter does).
+    api_key = configured_key(cfg) or ("" if cfg.insecure_no_key else secrets.token_urlsafe(24))
+    check_bind(cfg.host, api_key, cfg.insecure_no_key)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as serve: chat decodes on a shared CPU
-    from .serve import listen, run_app
+    from .serve import listen, run_app, url_host
 
     board = Dashboard(cfg)
     sock = listen(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
-    what = f"dashboard of {board.root} on http://{host}:{port}/"
-    run_app(build_dashboard_app(board, api_key), sock, what, api_key, ready, board.chat.close)
+    token = "" if configured_key(cfg) or not api_key else f"?token={api_key}"
+    what = f"dashboard of {board.root}: open http://{url_host(host)}:{port}/{token}"
+    what += " (API key required)" if configured_key(cfg) else ""
+    app = build_dashboard_app(board, access_for(cfg, api_key))
+    run_app(app, sock, what, bool(api_key), ready, board.chat.close)

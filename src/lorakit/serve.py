@@ -24,8 +24,9 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from .access import LOCAL, Access, access_for, check_bind, configured_key, guarded, is_loopback
 from .config import ServeConfig
 from .engine import BASE, BatchEngine, Busy, Event, Job, Sampling
 from .errors import LorakitError
@@ -446,8 +447,10 @@ class Reply:
 # The app
 
 
-def build_app(engine: Engine, api_key: str = ""):
-    """The ASGI app: OpenAI's routes plus /health, on an already loaded engine."""
+def build_app(engine: Engine, access: Access | None = LOCAL):
+    """The ASGI app: OpenAI's routes plus /health, on an already loaded engine, behind `access`
+    (lorakit.access: Host, Origin, JSON bodies and the key; /health needs no key).
+    `access=None`: the bare app (the dashboard mounts it behind its own)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
@@ -457,10 +460,6 @@ def build_app(engine: Engine, api_key: str = ""):
     def fail(e: ApiError) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if e.status in (429, 503) else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-    def authorize(request: Request) -> None:
-        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     async def read_json(request: Request) -> dict:
         limit = engine.cfg.max_request_bytes
@@ -484,17 +483,14 @@ def build_app(engine: Engine, api_key: str = ""):
         return JSONResponse({"status": "ok", "models": engine.names, **engine.batch.status()})
 
     async def models(request: Request):
-        authorize(request)
         return JSONResponse({"object": "list", "data": [engine.model_card(n) for n in engine.names]})
 
     async def model(request: Request):
-        authorize(request)
         name = request.path_params["name"]
         engine.adapter(name)  # 404 when unknown
         return JSONResponse(engine.model_card(name))
 
     async def generate(request: Request, chat: bool):
-        authorize(request)
         parsed = parse_request(await read_json(request), chat, engine)
         reply = Reply(engine, parsed, chat)
         if parsed.stream:
@@ -540,7 +536,14 @@ def build_app(engine: Engine, api_key: str = ""):
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_bug},
     )
     app.state.engine = engine
-    return app
+    return app if access is None else guarded(app, replace(access, public=("/health",)))
+
+
+def url_host(host: str) -> str:
+    """The address to print in a URL: a wildcard bind is reached here as 127.0.0.1."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -558,7 +561,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(cfg: ServeConfig, ready: threading.Event | None = None) -> None:
 
-    api_key = cfg.api_key or os.environ.get("LORAKIT_API_KEY", "")
+    api_key = configured_key(cfg)
+    check_bind(cfg.host, api_key, cfg.insecure_no_key)
     # A decode step is thousands of small operations: OpenMP workers that spin between them take
     # the CPU from the thread with the work whenever the cores are shared (on a busy 2-core
     # machine, 8 rows ran 10-20x slower). Read when torch loads, so only if it has not yet.
@@ -570,18 +574,19 @@ def serve(cfg: ServeConfig, ready: threading.Event | None = None) -> None:
         engine.close()
         raise
     host, port = sock.getsockname()[:2]
-    what = f"serving {', '.join(engine.names)} on http://{host}:{port}/v1"
-    run_app(build_app(engine, api_key), sock, what, api_key, ready, engine.close)
+    what = f"serving {', '.join(engine.names)} on http://{url_host(host)}:{port}/v1"
+    what += " (API key required)" if api_key else ""
+    run_app(build_app(engine, access_for(cfg, api_key)), sock, what, bool(api_key), ready, engine.close)
 
 
-def run_app(app, sock: socket.socket, what: str, api_key: str, ready: threading.Event | None, close) -> None:
+def run_app(app, sock: socket.socket, what: str, keyed: bool, ready: threading.Event | None, close) -> None:
     """Run an ASGI app on a listening socket under uvicorn until interrupted (serve, dashboard),
-    then `close()` what it holds."""
+    then `close()` what it holds. `keyed`: a key or token guards it."""
     import uvicorn
 
     host = sock.getsockname()[0]
-    say(f"lorakit: {what}" + (" (API key required)" if api_key else ""), flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    say(f"lorakit: {what}", flush=True)
+    if not is_loopback(host) and not keyed:
         say("lorakit: warning: listening beyond this machine without an API key", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     if ready is not None:

@@ -413,6 +413,19 @@ async function route() {
   }
 }
 
+// `lorakit dashboard` prints its URL with a per-launch token (?token=...): keep it for this tab
+// and take it out of the address bar and the history.
+function takeToken() {
+  const params = new URLSearchParams(location.search);
+  const token = params.get("token");
+  if (!token) return;
+  sessionStorage.setItem("lorakit-key", token);
+  params.delete("token");
+  const rest = params.toString();
+  history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
+}
+
+takeToken();
 document.getElementById("keysave").onclick = () => {
   sessionStorage.setItem("lorakit-key", document.getElementById("key").value);
   document.getElementById("keybar").hidden = true;
