@@ -94,6 +94,39 @@ def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, cwd=cwd)
 
 
+def test_train_and_merge_print_lorakit_lines_not_library_noise(tmp_path, tiny_llama):
+    """No per-stage bars of transformers ("Loading weights", "Writing model shards") and no
+    third-party FutureWarning in a normal `lorakit train` and `lorakit merge`."""
+    import os
+
+    from .conftest import assemble_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", assemble_rows(8))
+    env = {k: v for k, v in os.environ.items() if "PROGRESS_BARS" not in k}  # as a user's shell has it
+    run = dict(capture_output=True, text=True, env=env, timeout=600)
+    common = ["--max_steps", "2", "--batch_size", "4", "--lora_r", "4", "--gradient_checkpointing"]
+    adapter = tmp_path / "adapter"
+    train_args = [
+        "train",
+        "--base_model",
+        str(tiny_llama),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(adapter),
+    ]
+    trained = subprocess.run([sys.executable, "-m", "lorakit", *train_args, *common], **run)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    merge_args = ["merge", "--adapter", str(adapter), "--output_dir", str(tmp_path / "merged")]
+    merged = subprocess.run([sys.executable, "-m", "lorakit", *merge_args], **run)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    for r in (trained, merged):
+        noise = r.stdout + r.stderr
+        for text in ("Loading weights", "Writing model shards", "FutureWarning", "it/s]"):
+            assert text not in noise, noise
+    assert "step 1/2" in trained.stdout and "adapter written" in trained.stdout
+
+
 def test_cli_unknown_key_exit_2_one_line(tmp_path):
     (tmp_path / "run.yaml").write_text("lora_alfa: 16\n")
     r = _cli("train", "--config", str(tmp_path / "run.yaml"), "--output_dir", str(tmp_path / "out"))

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -222,10 +224,22 @@ def _load(spec: str) -> Callable:
     return getattr(importlib.import_module(f"lorakit.{module}"), function)
 
 
-def main(argv: list[str] | None = None) -> int:
+def quiet_libraries() -> None:
+    """lorakit prints its own progress (data, steps, files written): the libraries' per-stage bars
+    ("Loading weights", "Writing model shards", "Map") and their notices of their own deprecations
+    are noise to a user. The bars are switched off through the variables the libraries read when
+    imported (a user's own setting wins); a deprecation lorakit's code itself triggers still shows."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' own bars
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"^(?!lorakit)")
     # bitsandbytes warns on import that an optional hub-downloaded CPU kernel is missing; the
     # built-in CPU path it falls back to is the one lorakit uses.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = _parser()
     args = vars(parser.parse_args(argv))
     command: Command | None = args.pop("lorakit_command", None)
