@@ -362,6 +362,22 @@ def llama_cpp_tree() -> Path:
     return Path(where)
 
 
+# Fixtures whose tests are slow by nature (`make test-quick` leaves them out): a real browser, a
+# compiler, servers and commands in processes of their own.
+SLOW_FIXTURES = {
+    "browser": "drives Chromium",
+    "go_render": "compiles a Go program",
+    "serve_process": "runs `lorakit serve` in another process",
+    "dashboard_process": "runs `lorakit dashboard` in another process",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(name in SLOW_FIXTURES for name in item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_terminal_summary(terminalreporter):
     """The max |logit difference| each llama.cpp test recorded (test_llama_cpp.py), one per line."""
     lines = [

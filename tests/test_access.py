@@ -177,7 +177,7 @@ def runs_dir(tmp_path_factory, tiny_llama) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dashboard(runs_dir):
+def dashboard_process(runs_dir):
     """`lorakit dashboard` as a user starts it: (printed URL, token, process)."""
     env = {k: v for k, v in os.environ.items() if k != "LORAKIT_API_KEY"}
     proc = subprocess.Popen(
@@ -199,8 +199,8 @@ def dashboard(runs_dir):
     proc.wait(30)
 
 
-def test_the_dashboard_prints_a_tokened_url_and_wants_the_token(dashboard):
-    url, token, _ = dashboard
+def test_the_dashboard_prints_a_tokened_url_and_wants_the_token(dashboard_process):
+    url, token, _ = dashboard_process
     site = url.split("?")[0].rstrip("/")
     assert url.startswith("http://127.0.0.1:") and len(token) >= 24
     assert request(site + "/api/runs")[0] == 401
@@ -210,8 +210,10 @@ def test_the_dashboard_prints_a_tokened_url_and_wants_the_token(dashboard):
         assert r.status == 200
 
 
-def test_a_hostile_page_cannot_start_a_run_nor_read_through_rebinding(dashboard, runs_dir, tiny_llama):
-    url, token, _ = dashboard
+def test_a_hostile_page_cannot_start_a_run_nor_read_through_rebinding(
+    dashboard_process, runs_dir, tiny_llama
+):
+    url, token, _ = dashboard_process
     site = url.split("?")[0].rstrip("/")
     auth = {"Authorization": f"Bearer {token}"}
     form = json.dumps(
@@ -349,11 +351,10 @@ async function attempt(name, url, init) {
 </script>"""
 
 
-@pytest.mark.slow
 def test_browser_a_page_on_another_origin_is_refused_by_both_servers(
-    browser, dashboard, served, runs_dir, tiny_llama
+    browser, dashboard_process, served, runs_dir, tiny_llama
 ):
-    url, token, _ = dashboard
+    url, token, _ = dashboard_process
     site = url.split("?")[0].rstrip("/")
     serve_url, reached = served
     before = len(reached)
@@ -389,9 +390,8 @@ def test_browser_a_page_on_another_origin_is_refused_by_both_servers(
     assert request(site + "/api/runs", headers=auth)[1]["jobs"] == 0 and not (runs_dir / "evil").exists()
 
 
-@pytest.mark.slow
-def test_browser_the_printed_url_opens_the_dashboard(browser, dashboard):
-    url, token, _ = dashboard
+def test_browser_the_printed_url_opens_the_dashboard(browser, dashboard_process):
+    url, token, _ = dashboard_process
     browser.get(url)
     wait(browser, 30, lambda d: css(d, 'tr[data-run="tuned"][data-status="finished"]'), "no runs listed")
     assert "token" not in browser.current_url  # taken out of the address bar and the history

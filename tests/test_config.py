@@ -94,6 +94,7 @@ def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow  # two real commands in processes of their own
 def test_train_and_merge_print_lorakit_lines_not_library_noise(tmp_path, tiny_llama):
     """No per-stage bars of transformers ("Loading weights", "Writing model shards") and no
     third-party FutureWarning in a normal `lorakit train` and `lorakit merge`."""

@@ -252,6 +252,7 @@ def test_the_data_check_report_with_its_mask_preview(site):
     assert "".join(text for text, _ in row["pieces"]).count("Assemble 0.") == 1
 
 
+@pytest.mark.slow  # starts `lorakit train` in another process
 def test_plan_then_train_from_the_form(site, runs, tiny_llama, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", assemble_rows(8))
     form = {

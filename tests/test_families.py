@@ -90,6 +90,7 @@ def added_token_ids(model_dir) -> set[int]:
     return set(AutoTokenizer.from_pretrained(model_dir).added_tokens_decoder)
 
 
+@pytest.mark.slow  # runs llama.cpp's converter in another process
 def test_gguf_equals_llama_cpp_converter(family, tmp_path):
     name, _, _, merged = family
     quant = QUANT.get(name, "f32")
@@ -128,6 +129,7 @@ def test_gguf_equals_llama_cpp_converter(family, tmp_path):
         assert np.array_equal(tensor_values(a), tensor_values(b)), tensor
 
 
+@pytest.mark.slow  # runs llama.cpp's converter in another process
 def test_lora_gguf_equals_llama_cpp_converter(family, tmp_path):
     name, base, adapter, _ = family
     ours = write_lora_gguf(adapter, tmp_path / "ours.gguf", base)

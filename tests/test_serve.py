@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_llama):
+def serve_process(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("serve")
     data = write_jsonl(
         tmp / "d.jsonl", [{"instruction": f"q{i}", "output": f"answer {i}"} for i in range(16)]
@@ -114,8 +114,8 @@ def raw_post(base_url, path, data: bytes, key=KEY):
 MESSAGES = [{"role": "user", "content": "q3"}]
 
 
-def test_models_chat_stream_and_adapters(server):
-    base_url, _ = server
+def test_models_chat_stream_and_adapters(serve_process):
+    base_url, _ = serve_process
     c = client(base_url)
     assert sorted(m.id for m in c.models.list().data) == ["alpha", "base", "beta"]
     full = c.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=12, temperature=0)
@@ -139,8 +139,8 @@ def test_models_chat_stream_and_adapters(server):
     assert comp.object == "text_completion" and isinstance(comp.choices[0].text, str)
 
 
-def test_errors_and_the_server_keeps_serving(server):
-    base_url, proc = server
+def test_errors_and_the_server_keeps_serving(serve_process):
+    base_url, proc = serve_process
     with pytest.raises(openai.AuthenticationError):
         client(base_url, key="wrong").models.list()
     status, body = raw_post(base_url, "/chat/completions", b"{not json")
@@ -173,8 +173,8 @@ def health(base_url) -> dict:
         return json.loads(r.read())
 
 
-def test_concurrent_requests_get_the_answers_they_get_alone(server):
-    base_url, _ = server
+def test_concurrent_requests_get_the_answers_they_get_alone(serve_process):
+    base_url, _ = serve_process
     asks = [(m, f"q{k}") for k, m in enumerate(["alpha", "beta", "base"] * 3)][:8]
 
     def ask(model_and_prompt):
@@ -192,8 +192,8 @@ def test_concurrent_requests_get_the_answers_they_get_alone(server):
     assert health(base_url)["decode_steps"] - steps < sum(n for _, n in alone) - len(asks)  # shared steps
 
 
-def test_openai_features(server):
-    base_url, _ = server
+def test_openai_features(serve_process):
+    base_url, _ = serve_process
     c = client(base_url)
     assert c.models.retrieve("beta").id == "beta"
     with pytest.raises(openai.NotFoundError):
@@ -256,8 +256,8 @@ def test_openai_features(server):
     assert status == 400 and body["error"]["param"] == "mystery"
 
 
-def test_a_flood_is_refused_with_retry_after_and_the_server_keeps_serving(server):
-    base_url, proc = server
+def test_a_flood_is_refused_with_retry_after_and_the_server_keeps_serving(serve_process):
+    base_url, proc = serve_process
     body = json.dumps({"model": "alpha", "messages": MESSAGES, "max_tokens": 8, "temperature": 0}).encode()
 
     def post(_):
