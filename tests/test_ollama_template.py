@@ -2,7 +2,7 @@
 chat template rendered by transformers' Jinja, minus the BOS that llama.cpp / Ollama add from the
 GGUF's add_bos_token.
 
-Needs `go` (apt-get install golang-go; .ci/run installs it). Set LORAKIT_ALLOW_NO_GO=1 to skip
+Needs `go` (apt-get install golang-go; `make test` installs it when missing). Set LORAKIT_ALLOW_NO_GO=1 to skip
 these tests on a machine without it. Real model templates come from llama.cpp's
 models/templates (LORAKIT_LLAMA_CPP): skipped without it.
 """
