@@ -35,11 +35,7 @@ def test_the_skip_variables_need_nothing_installed(tmp_path):
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
     env.pop("LORAKIT_ALLOW_NO_GO")
     done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env)
-    assert (
-        done.returncode == 1
-        and "needs golang-go," in done.stderr
-        and "chromium" not in done.stderr.split(",")[0]
-    )
+    assert done.returncode == 1 and "the tests need golang-go, and" in done.stderr
 
 
 def test_ci_runs_only_the_readme_test_command():
