@@ -126,6 +126,45 @@ def test_the_key_guards_all_but_public_paths(client_for):
     assert not page.is_public("/api/runs") and not page.is_public("/chat/v1/models")
 
 
+def test_no_websocket_and_no_preflight_without_the_key(client_for):
+    from starlette.websockets import WebSocketDisconnect
+
+    c, calls = client_for(Access(key="s3cret"))
+    with pytest.raises(WebSocketDisconnect):
+        with c.websocket_connect("/api/x", headers={"authorization": "Bearer s3cret"}):
+            pass
+    assert c.options("/api/x").status_code == 401
+    c, _ = client_for(Access(origins=("http://[::1]:3000",)))
+    assert c.get("/api/x", headers={"origin": "http://[::1]:3000"}).status_code == 200
+    assert c.get("/api/x", headers={"origin": "http://:1:3000"}).status_code == 403
+    assert calls == ["GET"]
+
+
+def test_the_form_cannot_smuggle_flags_nor_report_elsewhere(tmp_path):
+    from lorakit.cli import _parser
+    from lorakit.dashboard import BadRequest, configs_from_form
+    from lorakit.plan import train_args
+
+    root = tmp_path.resolve()
+    base = {"base_model": "m", "dataset": "d.jsonl", "output_dir": "run"}
+    smuggled = {"target_modules": "q_proj --trust_remote_code --output_dir /tmp/evil"}
+    for extra, why in (
+        (smuggled, "cannot start with '-'"),
+        ({"report_to": "wandb"}, "report_to"),
+        ({"resume_from_checkpoint": "/elsewhere/checkpoint-4"}, "cannot be set"),
+        ({"distributed": "fsdp"}, "cannot be set"),
+    ):
+        with pytest.raises(BadRequest, match=why):
+            configs_from_form({**base, **extra}, root)
+    cfg, _ = configs_from_form(
+        {**base, "target_modules": "q_proj v_proj", "system_prompt": "Say 'hi' --x"}, root
+    )
+    assert cfg.output_dir == str(root / "run")
+    parsed = vars(_parser().parse_args(["train", *train_args(cfg)]))  # what the started process reads
+    assert parsed["target_modules"] == ["q_proj", "v_proj"] and parsed["system_prompt"] == "Say 'hi' --x"
+    assert parsed.get("trust_remote_code") in (None, False) and parsed["output_dir"] == str(root / "run")
+
+
 def test_a_non_loopback_bind_needs_a_key():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("box.lan")

@@ -390,12 +390,12 @@ def test_browser_new_run_form_has_every_train_field(browser, site, runs):
     import dataclasses
 
     from lorakit.config import TrainConfig
-    from lorakit.dashboard import FORM_HIDDEN, PLAN_FIELDS
+    from lorakit.dashboard import FORM_REFUSED, PLAN_FIELDS
 
     browser.get(site + "/#/new")
     wait(browser, 20, lambda d: css(d, "#train-form [name=output_dir]"), "no form")
     names = {e.get_attribute("name") for e in css(browser, "#train-form [name]")}
-    want = {f.name for f in dataclasses.fields(TrainConfig)} - FORM_HIDDEN | set(PLAN_FIELDS)
+    want = {f.name for f in dataclasses.fields(TrainConfig)} - FORM_REFUSED | set(PLAN_FIELDS)
     assert names == want
     output_dir = css(browser, "#train-form [name=output_dir]")[0].get_attribute("value")
     assert output_dir.startswith(str(runs.resolve()))  # a new run lands where the dashboard looks

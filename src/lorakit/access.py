@@ -84,7 +84,9 @@ class Access:
         """One regular expression for the allowed origins (shell patterns: `http://*.example`)."""
         if not self.origins:
             return None
-        return "|".join(fnmatch.translate(o) for o in self.origins)
+        # `[` and `]` are literal in an origin (http://[::1]:3000), a character class to fnmatch
+        literal = (re.sub(r"[][]", lambda m: f"[{m.group()}]", o) for o in self.origins)
+        return "|".join(fnmatch.translate(o) for o in literal)
 
     def is_public(self, path: str) -> bool:
         return any(fnmatch.fnmatchcase(path, p) for p in self.public)
@@ -129,7 +131,7 @@ def _refuse(scope: dict, access: Access, allowed_origin: re.Pattern | None) -> t
                 f"not {media or 'none'}",
                 "unsupported_media_type",
             )
-    if access.key and not access.is_public(scope["path"]) and scope["method"] != "OPTIONS":
+    if access.key and not access.is_public(scope["path"]):  # allowed preflights never get here
         given = headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {access.key}".encode()):
             return 401, "Incorrect API key provided.", "invalid_api_key"
@@ -146,6 +148,9 @@ def guarded(app, access: Access):
     allowed_origin = re.compile(pattern) if pattern else None
 
     async def refusing(scope, receive, send):
+        if scope["type"] == "websocket":  # no route takes one, and a page may open one anywhere
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] == "http" and (why := _refuse(scope, access, allowed_origin)):
             start, body = _refusal(*why)
             await send(start)
@@ -159,6 +164,6 @@ def guarded(app, access: Access):
             refusing,
             allow_origin_regex=pattern,
             allow_methods=("GET", "POST", "OPTIONS"),
-            allow_headers=("authorization", "content-type"),
+            allow_headers=("*",),  # the openai JS client adds x-stainless-* headers
         )
     return TrustedHostMiddleware(inner, allowed_hosts=access.hosts(), www_redirect=False)

@@ -46,8 +46,11 @@ MEDIA = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 # Training fields the form does not offer: they make no sense for a run started from the page.
 FORM_HIDDEN = {"resume_from_checkpoint", "num_processes", "distributed"}
 # ... and those it refuses: running a model's own Python code is for the terminal, where the user
-# types it, never for a request that any page could have sent.
-FORM_REFUSED = {"trust_remote_code"}
+# types it, never for a request that any page could have sent (nor reading another run's folder,
+# nor starting launchers).
+FORM_REFUSED = {"trust_remote_code"} | FORM_HIDDEN
+# Where a run started from the page may report: files in its own folder, nothing on the network.
+FORM_REPORT_TO = {"tensorboard", "none"}
 PLAN_FIELDS = ("gpu", "gpu_memory", "num_gpus", "utilization")
 MAX_ENGINES = 2  # chat models kept loaded (one per run talked to); the oldest is closed beyond that
 
@@ -101,12 +104,12 @@ class Jobs:
         self.jobs: list[Job] = []
 
     def start(self, cfg: TrainConfig) -> Job:
-        from .plan import train_command
+        from .plan import train_args
 
         out = Path(cfg.output_dir).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         log = out / "train.log"
-        command = [sys.executable, "-m", "lorakit", *shlex.split(train_command(cfg))[1:]]
+        command = [sys.executable, "-m", "lorakit", "train", *train_args(cfg)]
         if "--output_dir" not in command:  # the default output_dir: pass it all the same
             command += ["--output_dir", str(out)]
         with open(log, "wb") as f:
@@ -235,6 +238,11 @@ def configs_from_form(values: dict, root: Path) -> tuple[TrainConfig, PlanConfig
         plan_cfg = resolve(PlanConfig, flags)
     except LorakitError as e:
         raise BadRequest(str(e)) from None
+    for name, value in dataclasses.asdict(plan_cfg).items():  # a list item is an argument of its own
+        if isinstance(value, list) and any(str(v).startswith("-") for v in value):
+            raise BadRequest(f"{name}: an item cannot start with '-'")
+    if not set(plan_cfg.report_to) <= FORM_REPORT_TO:
+        raise BadRequest(f"report_to: a run started here reports to {' or '.join(sorted(FORM_REPORT_TO))}")
     out = (root / Path(plan_cfg.output_dir).expanduser()).resolve()
     if not out.is_relative_to(root) or out == root:
         raise BadRequest(f"output_dir {plan_cfg.output_dir}: a run started here is written inside {root}")
@@ -456,5 +464,6 @@ def dashboard(cfg: DashboardConfig, ready: threading.Event | None = None) -> Non
     token = "" if configured_key(cfg) or not api_key else f"?token={api_key}"
     what = f"dashboard of {board.root}: open http://{url_host(host)}:{port}/{token}"
     what += " (API key required)" if configured_key(cfg) else ""
+    what += "" if api_key else " (no token: --insecure_no_key)"
     app = build_dashboard_app(board, access_for(cfg, api_key))
     run_app(app, sock, what, bool(api_key), ready, board.chat.close)

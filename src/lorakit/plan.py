@@ -738,22 +738,26 @@ def smallest_gpu(cfg: PlanConfig, config, source, lengths) -> str | None:
     return None
 
 
-def train_command(cfg: TrainConfig) -> str:
-    """The `lorakit train` command for a config: only the settings that differ from the defaults."""
+def train_args(cfg: TrainConfig) -> list[str]:
+    """The arguments of `lorakit train` for a config: only the settings that differ from the defaults."""
     defaults = TrainConfig()
-    parts = ["lorakit train"]
+    args: list[str] = []
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
         if value == getattr(defaults, f.name):
             continue
         if isinstance(value, bool):
-            parts.append(f"--{f.name}" if value else f"--no-{f.name}")
+            args.append(f"--{f.name}" if value else f"--no-{f.name}")
         elif isinstance(value, list):
-            parts.append(f"--{f.name} {' '.join(value)}")
+            args += [f"--{f.name}", *map(str, value)]
         else:
-            text = f"{value:g}" if isinstance(value, float) else str(value)
-            parts.append(f"--{f.name} {shlex.quote(text)}")
-    return " ".join(parts)
+            args += [f"--{f.name}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return args
+
+
+def train_command(cfg: TrainConfig) -> str:
+    """The same as one shell line."""
+    return shlex.join(["lorakit", "train", *train_args(cfg)])
 
 
 # --------------------------------------------------------------------------------------------
