@@ -322,3 +322,31 @@ def test_improve_resumes_after_sigkill_without_repaying_the_teacher(tmp_path, te
     assert "| held-out metric | before | after | change |" in md
     report = (out / "round-1" / "report.md").read_text()
     assert "| group | failing rows |" in report and "exact_match" in report
+
+
+def test_one_round_in_process_writes_its_report(tmp_path, teacher, student):
+    """The rounds without processes of their own (the quick subset's view of improve)."""
+    from lorakit.config import ImproveConfig
+    from lorakit.improve import improve
+
+    url, state = teacher(copy=False)
+    out = improve(
+        ImproveConfig(
+            adapter=str(student),
+            eval_dataset=str(write_jsonl(tmp_path / "test.jsonl", demo_rows("test")[:6])),
+            output_dir=str(tmp_path / "improve"),
+            teacher_url=url,
+            teacher_model=demo_teacher.MODEL,
+            teacher_backoff=0.0,
+            verify=VERIFY,
+            max_new_tokens=4,
+            samples_per_group=4,
+            rounds=1,
+            retrain="continue",
+        )
+    )
+    summary = json.loads((out / "improve.json").read_text())
+    [first] = summary["rounds"]
+    assert first["synth"]["kept"] > 0 and first["after"] is not None and state.requests
+    assert (out / "round-1" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "| held-out metric | before | after | change |" in (out / "improve.md").read_text()

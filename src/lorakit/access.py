@@ -138,6 +138,17 @@ def _refuse(scope: dict, access: Access, allowed_origin: re.Pattern | None) -> t
     return None
 
 
+async def _drain(receive, limit: int = 1 << 20) -> None:
+    """Read (and drop) up to `limit` bytes of the refused request's body first: a server that
+    closes a connection with unread bytes resets it, and the client never reads the refusal."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+        seen += len(message.get("body", b""))
+
+
 def guarded(app, access: Access):
     """`app` behind the four rules: Host (Starlette's check) -> CORS answers for allowed origins
     (Starlette's) -> origin, JSON and key refusals (this module) -> app."""
@@ -152,6 +163,7 @@ def guarded(app, access: Access):
             await send({"type": "websocket.close", "code": 1008})
             return
         if scope["type"] == "http" and (why := _refuse(scope, access, allowed_origin)):
+            await _drain(receive)
             start, body = _refusal(*why)
             await send(start)
             await send({"type": "http.response.body", "body": body})
