@@ -362,6 +362,30 @@ def llama_cpp_tree() -> Path:
     return Path(where)
 
 
+def serve_in_thread(app):
+    """An ASGI app under uvicorn in a thread, on a free port: (url, stop)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
 # Fixtures whose tests are slow by nature (`make test-quick` leaves them out): a real browser, a
 # compiler, servers and commands in processes of their own.
 SLOW_FIXTURES = {

@@ -25,7 +25,7 @@ import pytest
 from lorakit.access import Access, check_bind, guarded, is_loopback
 from lorakit.errors import LorakitError
 
-from .conftest import assemble_rows, css, wait, write_jsonl
+from .conftest import assemble_rows, css, serve_in_thread, wait, write_jsonl
 
 EVIL = "http://evil.example"
 
@@ -296,10 +296,6 @@ def test_a_hostile_page_cannot_start_a_run_nor_read_through_rebinding(
 def served(tiny_llama):
     """serve's app without a key on the tiny base, under uvicorn in a thread, recording what
     reached the engine: (url, generated requests)."""
-    import socket
-
-    import uvicorn
-
     from lorakit.config import ServeConfig
     from lorakit.serve import Engine, build_app
 
@@ -315,17 +311,9 @@ def served(tiny_llama):
 
         await app(scope, receive, sent)
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    server = uvicorn.Server(uvicorn.Config(recording, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", reached
-    server.should_exit = True
-    thread.join(10)
+    url, stop = serve_in_thread(recording)
+    yield url, reached
+    stop()
     engine.close()
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +23,7 @@ from lorakit.access import Access
 from lorakit.config import DashboardConfig, DataCheckConfig, EvalConfig
 from lorakit.dashboard import Dashboard, build_dashboard_app
 
-from .conftest import assemble_rows, css, tiny_train_config, wait, write_jsonl
+from .conftest import assemble_rows, css, serve_in_thread, tiny_train_config, wait, write_jsonl
 
 KEY = "sk-dashboard-test"
 
@@ -95,27 +93,16 @@ def loss_rows(run: Path) -> int:
 
 
 def _serve(cfg: DashboardConfig, api_key: str = ""):
-    import uvicorn
-
     board = Dashboard(cfg)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    app = build_dashboard_app(board, Access(key=api_key))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread, board
+    url, stop = serve_in_thread(build_dashboard_app(board, Access(key=api_key)))
+    return url, stop, board
 
 
 @pytest.fixture(scope="module")
 def site(runs):
-    url, server, thread, board = _serve(DashboardConfig(runs_dir=str(runs), threads=1))
+    url, stop, board = _serve(DashboardConfig(runs_dir=str(runs), threads=1))
     yield url
-    server.should_exit = True
-    thread.join(10)
+    stop()
     board.chat.close()
 
 
@@ -190,7 +177,7 @@ def test_fifty_runs_are_listed(tmp_path, runs):
         shutil.copy(runs / "tuned" / "manifest.json", run)
         (run / "metrics.jsonl").write_text(rows)
         (run / "checkpoint-300").mkdir()
-    url, server, thread, board = _serve(DashboardConfig(runs_dir=str(tmp_path / "many")))
+    url, stop, board = _serve(DashboardConfig(runs_dir=str(tmp_path / "many")))
     try:
         start = time.perf_counter()
         status, listing = get(url + "/api/runs")
@@ -199,8 +186,7 @@ def test_fifty_runs_are_listed(tmp_path, runs):
         get(url + "/api/runs")
         warm = time.perf_counter() - start
     finally:
-        server.should_exit = True
-        thread.join(10)
+        stop()
     print(f"50 runs listed in {cold:.3f} s (then {warm:.3f} s from the cache)")
     assert status == 200 and len(listing["runs"]) == 50
     assert {r["status"] for r in listing["runs"]} == {"finished"}
@@ -222,7 +208,7 @@ def test_damaged_runs_are_listed_with_notes(site):
 
 
 def test_an_api_key_guards_the_api_not_the_page(runs):
-    url, server, thread, _ = _serve(DashboardConfig(runs_dir=str(runs)), api_key=KEY)
+    url, stop, _ = _serve(DashboardConfig(runs_dir=str(runs)), api_key=KEY)
     try:
         assert get(url + "/api/runs")[0] == 401
         assert get(url + "/api/runs", key="wrong")[0] == 401
@@ -230,8 +216,7 @@ def test_an_api_key_guards_the_api_not_the_page(runs):
         with urllib.request.urlopen(url + "/", timeout=10) as r:
             assert r.status == 200 and b"lorakit" in r.read()
     finally:
-        server.should_exit = True
-        thread.join(10)
+        stop()
 
 
 def test_eval_report_and_failures_are_read(site):

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +16,7 @@ import pytest
 from lorakit.config import TrainConfig
 from lorakit.train import train
 
-from .conftest import write_jsonl
+from .conftest import serve_in_thread, write_jsonl
 
 openai = pytest.importorskip("openai")
 KEY = "sk-test-key"
@@ -292,23 +291,13 @@ def test_a_flood_is_refused_with_retry_after_and_the_server_keeps_serving(serve_
 @pytest.fixture(scope="module")
 def live(tiny_llama):
     """The app on the tiny base model (no adapter) under uvicorn in a thread: (url, engine)."""
-    import uvicorn
-
     from lorakit.config import ServeConfig
     from lorakit.serve import Engine, build_app
 
     engine = Engine(ServeConfig(base_model=str(tiny_llama), max_tokens_limit=450, system_prompt=""))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    server.should_exit = True
-    thread.join(10)
+    url, stop = serve_in_thread(build_app(engine))
+    yield url, engine
+    stop()
     engine.close()
 
 
