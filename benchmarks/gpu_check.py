@@ -175,7 +175,7 @@ def allocated(device) -> int:
 def shape_config(shape: Shape, tokenizer, smoke: bool):
     """(config, layers info): the bundled config, cut to `shape.layers` (and shrunk in width for
     the smoke); the info says how far it was cut, for the report."""
-    from lorakit.plan import _truncate_layers, load_model_config
+    from lorakit.planning.trace import _truncate_layers, load_model_config
 
     config, _ = load_model_config(shape.name)
     full = config.num_hidden_layers
@@ -230,7 +230,7 @@ def save_embedded_copy(folder: Path, dtype) -> Path:
     bf16 weights (the converted cache is fp32 and `from_pretrained` keeps a checkpoint's dtype)."""
     from transformers import AutoModelForCausalLM
 
-    from lorakit.models import load_tokenizer, resolve_base_model
+    from lorakit.models.loading import load_tokenizer, resolve_base_model
 
     base = resolve_base_model("")
     AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype).save_pretrained(folder)
@@ -243,7 +243,7 @@ def save_embedded_copy(folder: Path, dtype) -> Path:
 
 
 def train_config(case: MemoryCase, precision: str, model_dir: str = ""):
-    from lorakit.config import PlanConfig
+    from lorakit.core.config import PlanConfig
 
     return PlanConfig(
         base_model=model_dir,
@@ -261,7 +261,7 @@ def train_config(case: MemoryCase, precision: str, model_dir: str = ""):
 
 def planned(config, cfg) -> dict:
     """The planner's figures for this exact (possibly cut) config, in bytes."""
-    from lorakit.plan import make_plan
+    from lorakit.planning.memory import make_plan
 
     p = make_plan(
         cfg, config, "gpu_check", (cfg.max_seq_length, float(cfg.max_seq_length), None, "gpu_check")
@@ -280,8 +280,9 @@ def planned(config, cfg) -> dict:
 def load_lorakit(model_dir: str, cfg, device):
     """The model exactly as `lorakit train` builds it: load_training_model (bitsandbytes for
     4-bit, prepare_model_for_kbit_training) then add_lora."""
-    from lorakit.config import TrainConfig, narrow
-    from lorakit.models import add_lora, load_training_model, resolve_base_model
+    from lorakit.core.config import TrainConfig
+    from lorakit.core.fields import narrow
+    from lorakit.models.loading import add_lora, load_training_model, resolve_base_model
 
     train_cfg = narrow(cfg, TrainConfig)
     model = add_lora(train_cfg, load_training_model(train_cfg, resolve_base_model(model_dir), cfg.precision))
@@ -328,7 +329,7 @@ def make_step(model, ids, kind: str, precision: str, device):
     """(step function, optimizer) for the planner's step or lorakit's step (see the docstring)."""
     import torch
 
-    from lorakit.loss import causal_lm_loss
+    from lorakit.training.loss import causal_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     if kind == "planner":
@@ -357,7 +358,7 @@ def measure_steps(model, case: MemoryCase, vocab: int, precision: str, device, b
     """Static bytes and steady-state step peak of both steps, in bytes."""
     import torch
 
-    from lorakit.plan import live_bytes_counter
+    from lorakit.planning.trace import live_bytes_counter
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (case.batch, case.seq), generator=gen).to(device)
@@ -478,8 +479,10 @@ def run_memory(cases, tokenizer, work: Path, precision: str, device, smoke: bool
 def encoded_rows(recipe: dict, tokenizer) -> list[dict]:
     """The rows every recipe trains on: lorakit's encoding of the data file (assistant-only labels),
     the same rows `lorakit train` encodes from it."""
-    from lorakit.config import TrainConfig
-    from lorakit.data import ChatFormat, DataReport, encode_samples, load_samples
+    from lorakit.core.config import TrainConfig
+    from lorakit.data.encode import encode_samples, load_samples
+    from lorakit.data.formats import DataReport
+    from lorakit.data.template import ChatFormat
 
     samples, _, _ = load_samples(TrainConfig(**recipe))
     return encode_samples(samples, ChatFormat(tokenizer), recipe["max_seq_length"], report=DataReport())
@@ -487,8 +490,8 @@ def encoded_rows(recipe: dict, tokenizer) -> list[dict]:
 
 def run_lorakit(recipe: dict) -> tuple[float, int]:
     """(train_runtime seconds, the non-pad tokens lorakit counted: a check that it trained the same rows)."""
-    from lorakit.config import TrainConfig
-    from lorakit.train import train
+    from lorakit.core.config import TrainConfig
+    from lorakit.training.train import train
 
     out = train(TrainConfig(**recipe))
     summary = json.loads(Path(out, "metrics.jsonl").read_text().splitlines()[-1])
@@ -562,7 +565,7 @@ def run_speed(cases, tokenizer, work: Path, precision: str, device, smoke: bool,
     import torch
     from speed import guide_recipe, make_data
 
-    from lorakit.models import load_tokenizer, resolve_base_model
+    from lorakit.models.loading import load_tokenizer, resolve_base_model
 
     data = work / "speed-train.jsonl"
     # Short rows in the smoke (median ~30 tokens) so a 1024-token padding is not the whole test.
@@ -776,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lorakit.models import load_tokenizer, resolve_base_model
+    from lorakit.models.loading import load_tokenizer, resolve_base_model
 
     if smoke:
         device = torch.device("cpu")

@@ -12,9 +12,10 @@ import time
 
 import torch
 
-from lorakit.config import PlanConfig, TrainConfig
-from lorakit.models import add_lora
-from lorakit.plan import GIB, _truncate_layers, load_model_config, make_plan, step_peak_bytes, traced_peak
+from lorakit.core.config import PlanConfig, TrainConfig
+from lorakit.models.loading import add_lora
+from lorakit.planning.memory import GIB, make_plan
+from lorakit.planning.trace import _truncate_layers, load_model_config, step_peak_bytes, traced_peak
 
 GRID = [  # (bundled config, layers, batch, seq, gradient checkpointing, targets)
     ("SmolLM2-135M", 4, 2, 128, False, "qkvo"),

@@ -74,7 +74,7 @@ def make_adapters(where: Path) -> list[str]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorakit.models import resolve_base_model
+    from lorakit.models.loading import resolve_base_model
 
     base_dir = resolve_base_model("").path
     specs = []

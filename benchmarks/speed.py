@@ -190,10 +190,12 @@ def child(name: str, model_dir: str, train_file: str, test_file: str, out_dir: s
     this process (the whole-process time runs from there to the end of training)."""
     import torch
 
-    from lorakit.config import EvalConfig, TrainConfig
-    from lorakit.data import ChatFormat, DataReport, encode_samples, load_samples
-    from lorakit.evaluate import row_losses
-    from lorakit.models import load_tokenizer, resolve_base_model
+    from lorakit.core.config import EvalConfig, TrainConfig
+    from lorakit.data.encode import encode_samples, load_samples
+    from lorakit.data.formats import DataReport
+    from lorakit.data.template import ChatFormat
+    from lorakit.models.loading import load_tokenizer, resolve_base_model
+    from lorakit.workflows.evaluate import row_losses
 
     recipe = guide_recipe(model_dir, train_file, out_dir)
     probe = _start_probe()
@@ -206,7 +208,7 @@ def child(name: str, model_dir: str, train_file: str, test_file: str, out_dir: s
         model, seconds = _guide({**recipe, **CONFIGS[name]}, examples, tokenizer, probe)
         process_seconds = time.time() - t0
     else:
-        from lorakit.train import train
+        from lorakit.training.train import train
 
         cfg = TrainConfig(**{**recipe, **CONFIGS[name]})
         out = train(cfg, callbacks=[probe])
@@ -217,7 +219,7 @@ def child(name: str, model_dir: str, train_file: str, test_file: str, out_dir: s
             summary["tokens_seen"],
             summary["useful_flops"],
         )
-        from lorakit.generate import load_for_inference
+        from lorakit.inference.generate import load_for_inference
 
         model = load_for_inference(model_dir, str(out))[0]
         tokenizer = load_tokenizer(resolve_base_model(model_dir))
@@ -306,12 +308,13 @@ def smol_child(name: str, out_dir: str, t0: float) -> dict:
     """One SmolLM2 configuration in this process."""
     from importlib import resources
 
-    from lorakit.config import EvalConfig, TrainConfig
-    from lorakit.data import DataReport, encode_samples, load_samples
-    from lorakit.demo import demo_settings
-    from lorakit.evaluate import row_losses
-    from lorakit.generate import load_for_inference
-    from lorakit.train import train
+    from lorakit.core.config import EvalConfig, TrainConfig
+    from lorakit.data.encode import encode_samples, load_samples
+    from lorakit.data.formats import DataReport
+    from lorakit.inference.generate import load_for_inference
+    from lorakit.training.train import train
+    from lorakit.workflows.demo import demo_settings
+    from lorakit.workflows.evaluate import row_losses
 
     assets = resources.files("lorakit") / "assets"
     system = demo_settings()["system_prompt"]
@@ -374,7 +377,7 @@ def run_children(names, d: Path, part: str) -> list[dict]:
 
 
 def guide_part(rows: int, peak: dict) -> None:
-    from lorakit.models import resolve_base_model
+    from lorakit.models.loading import resolve_base_model
 
     d = Path(tempfile.mkdtemp(prefix="lorakit-speed-"))
     make_data(d / "train.jsonl", rows, seed=1)
@@ -455,7 +458,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    from lorakit.efficiency import measure_matmul_peak
+    from lorakit.training.efficiency import measure_matmul_peak
 
     peak = measure_matmul_peak()  # measured in this run, not the per-machine cache
     print(

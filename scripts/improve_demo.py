@@ -22,18 +22,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_teacher  # noqa: E402
 
-from lorakit.config import ImproveConfig, TrainConfig, narrow  # noqa: E402
-from lorakit.data import demo_path  # noqa: E402
-from lorakit.demo import demo_settings  # noqa: E402
-from lorakit.models import hardware_supports_bf16  # noqa: E402
+from lorakit.core.config import ImproveConfig, TrainConfig
+from lorakit.core.fields import narrow
+from lorakit.data.sources import demo_path
+from lorakit.models.loading import hardware_supports_bf16
+from lorakit.workflows.demo import demo_settings
 
 LEFT_OUT = ("STA", "STX", "STY", "INC", "DEC")
 
 
 def main() -> None:
-    from lorakit.config import DemoConfig
-    from lorakit.improve import improve
-    from lorakit.train import train
+    from lorakit.core.config import DemoConfig
+    from lorakit.training.train import train
+    from lorakit.workflows.improve import improve
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/improve-demo")
     out.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,9 @@ Guide's recipe: LoRA on q/k/v/o/gate/up/down, effective batch 16 (4 x 4), 1024-t
     python scripts/plan_table.py
 """
 
-from lorakit.config import PlanConfig
-from lorakit.plan import GIB, fit
+from lorakit.core.config import PlanConfig
+from lorakit.planning.memory import GIB
+from lorakit.planning.plan import fit
 
 MODELS = [("7B", "Qwen2.5-7B"), ("14B", "Qwen2.5-14B"), ("32B", "Qwen2.5-32B")]
 BUDGETS = ["16GB", "24GB", "48GB", "80GB"]
@@ -44,8 +45,8 @@ def main() -> None:
             cells = [cell(model, r, m) for m in BUDGETS]
             import torch
 
-            from lorakit.config import TrainConfig
-            from lorakit.plan import load_model_config, meta_peft_model
+            from lorakit.core.config import TrainConfig
+            from lorakit.planning.trace import load_model_config, meta_peft_model
 
             config, _ = load_model_config(model)
             trainable, _ = meta_peft_model(

@@ -16,7 +16,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
-    from lorakit.models import resolve_base_model
+    from lorakit.models.loading import resolve_base_model
 
     return Path(resolve_base_model("").path)
 
@@ -83,7 +83,7 @@ def assemble_rows(n: int) -> list[dict]:
 
 def tiny_train_config(base, data, out, **kw):
     """A short training run of a tiny model: 12 steps of 4 rows, LoRA r=4, a checkpoint every 4."""
-    from lorakit.config import TrainConfig
+    from lorakit.core.config import TrainConfig
 
     settings = dict(
         base_model=str(base),
@@ -336,8 +336,8 @@ def random_lora_and_merge(base: Path, out: Path) -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorakit.config import MergeConfig
-    from lorakit.merge import merge
+    from lorakit.core.config import MergeConfig
+    from lorakit.export.merge import merge
 
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -424,7 +424,7 @@ def inject_oom(monkeypatch, when) -> list:
     Returns `seen`: (step, per-device batch size, gradient accumulation) at each step start."""
     import torch
 
-    import lorakit.monitor as mon
+    import lorakit.training.monitor as mon
 
     seen = []
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.access import Access, check_bind, guarded, is_loopback
-from lorakit.errors import LorakitError
+from lorakit.core.errors import LorakitError
+from lorakit.inference.access import Access, check_bind, guarded, is_loopback
 
 from .conftest import assemble_rows, css, serve_in_thread, wait, write_jsonl
 
@@ -142,8 +142,8 @@ def test_no_websocket_and_no_preflight_without_the_key(client_for):
 
 def test_the_form_cannot_smuggle_flags_nor_report_elsewhere(tmp_path):
     from lorakit.cli import _parser
-    from lorakit.dashboard import BadRequest, configs_from_form
-    from lorakit.plan import train_args
+    from lorakit.planning.plan import train_args
+    from lorakit.ui.dashboard import BadRequest, configs_from_form
 
     root = tmp_path.resolve()
     base = {"base_model": "m", "dataset": "d.jsonl", "output_dir": "run"}
@@ -205,7 +205,7 @@ def request(url: str, data: bytes | None = None, headers: dict | None = None) ->
 
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory, tiny_llama) -> Path:
-    from lorakit.train import train
+    from lorakit.training.train import train
 
     from .conftest import tiny_train_config
 
@@ -296,8 +296,8 @@ def test_a_hostile_page_cannot_start_a_run_nor_read_through_rebinding(
 def served(tiny_llama):
     """serve's app without a key on the tiny base, under uvicorn in a thread, recording what
     reached the engine: (url, generated requests)."""
-    from lorakit.config import ServeConfig
-    from lorakit.serve import Engine, build_app
+    from lorakit.core.config import ServeConfig
+    from lorakit.inference.serve import Engine, build_app
 
     engine = Engine(ServeConfig(base_model=str(tiny_llama), max_tokens_limit=8, system_prompt=""))
     app = build_app(engine)

@@ -4,8 +4,9 @@ import sys
 import pytest
 
 from lorakit.cli import main
-from lorakit.config import TrainConfig, read_yaml, resolve, to_yaml
-from lorakit.errors import LorakitError
+from lorakit.core.config import TrainConfig
+from lorakit.core.errors import LorakitError
+from lorakit.core.fields import read_yaml, resolve, to_yaml
 
 GUIDE_FLAGS = [
     "--base_model",

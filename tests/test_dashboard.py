@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from lorakit import rundir
-from lorakit.access import Access
-from lorakit.config import DashboardConfig, DataCheckConfig, EvalConfig
-from lorakit.dashboard import Dashboard, build_dashboard_app
+from lorakit.core.config import DashboardConfig, DataCheckConfig, EvalConfig
+from lorakit.inference.access import Access
+from lorakit.ui import rundir
+from lorakit.ui.dashboard import Dashboard, build_dashboard_app
 
 from .conftest import assemble_rows, css, serve_in_thread, tiny_train_config, wait, write_jsonl
 
@@ -36,9 +36,9 @@ KEY = "sk-dashboard-test"
 def runs(tmp_path_factory, tiny_llama) -> Path:
     """A runs directory: a trained and evaluated tiny run, a copy of it with two settings changed,
     a run being trained (metrics without a summary, just written) and a damaged one."""
-    from lorakit.doctor import check
-    from lorakit.evaluate import evaluate
-    from lorakit.train import train
+    from lorakit.data.doctor import check
+    from lorakit.training.train import train
+    from lorakit.workflows.evaluate import evaluate
 
     root = tmp_path_factory.mktemp("runs")
     data = write_jsonl(root.parent / "data.jsonl", assemble_rows(40))
@@ -374,8 +374,8 @@ def test_browser_chat_streams_an_answer(browser, site):
 def test_browser_new_run_form_has_every_train_field(browser, site, runs):
     import dataclasses
 
-    from lorakit.config import TrainConfig
-    from lorakit.dashboard import FORM_REFUSED, PLAN_FIELDS
+    from lorakit.core.config import TrainConfig
+    from lorakit.ui.dashboard import FORM_REFUSED, PLAN_FIELDS
 
     browser.get(site + "/#/new")
     wait(browser, 20, lambda d: css(d, "#train-form [name=output_dir]"), "no form")

@@ -1,8 +1,12 @@
 import pytest
 import torch
 
-from lorakit.data import IGNORE_INDEX, ChatFormat, Collator, encode_rows, row_to_messages
-from lorakit.errors import LorakitError
+from lorakit.core.errors import LorakitError
+from lorakit.core.labels import IGNORE_INDEX
+from lorakit.data.encode import encode_rows
+from lorakit.data.formats import row_to_messages
+from lorakit.data.template import ChatFormat
+from lorakit.training.batching import Collator
 
 ROW = {"instruction": "Assemble this.", "input": "LDA #$12", "output": "A9 12"}
 

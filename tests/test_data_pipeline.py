@@ -4,18 +4,14 @@ import json
 import pytest
 
 from lorakit.cli import main
-from lorakit.config import DataCheckConfig, DataConvertConfig, TrainConfig
-from lorakit.data import (
-    IGNORE_INDEX,
-    ChatFormat,
-    dedupe,
-    encode_samples,
-    load_rows,
-    load_samples,
-    split_validation,
-    to_samples,
-)
-from lorakit.doctor import check, convert, recommend
+from lorakit.core.config import DataCheckConfig, DataConvertConfig, TrainConfig
+from lorakit.core.labels import IGNORE_INDEX
+from lorakit.data.doctor import check, convert, recommend
+from lorakit.data.encode import encode_samples, load_samples
+from lorakit.data.formats import to_samples
+from lorakit.data.sources import load_rows
+from lorakit.data.split import dedupe, split_validation
+from lorakit.data.template import ChatFormat
 
 from .conftest import write_jsonl
 
@@ -221,7 +217,7 @@ def test_check_cli_reports_dropped_rows(tmp_path, smol_dir, capsys):
 
 
 def test_train_with_validation_logs_eval_loss(tmp_path, tiny_llama):
-    from lorakit.train import train
+    from lorakit.training.train import train
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)])
     out = train(

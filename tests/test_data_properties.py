@@ -5,7 +5,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from lorakit.data import IGNORE_INDEX, ChatFormat, Collator
+from lorakit.core.labels import IGNORE_INDEX
+from lorakit.data.template import ChatFormat
+from lorakit.training.batching import Collator
 
 from .conftest import conversations_of
 

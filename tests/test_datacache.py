@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit import data as data_module
-from lorakit.config import DataCheckConfig, SweepConfig
-from lorakit.data import ChatFormat, encode_data, load_samples
+from lorakit.core.config import DataCheckConfig, SweepConfig
+from lorakit.data import encode as data_module
+from lorakit.data.encode import encode_data, load_samples
+from lorakit.data.template import ChatFormat
 
 from .conftest import tiny_train_config, write_jsonl
 
@@ -14,7 +15,7 @@ from .conftest import tiny_train_config, write_jsonl
 @pytest.fixture
 def cold_cache(tmp_path, monkeypatch, smol_dir):
     """An empty data cache (the converted SmolLM2 stays where it is: only the data cache moves)."""
-    from lorakit import datacache
+    from lorakit.data import cache as datacache
 
     monkeypatch.setattr(datacache, "cache_dir", lambda: tmp_path / "data-cache")
     return tmp_path / "data-cache"
@@ -89,8 +90,8 @@ def test_every_input_that_changes_the_encoding_misses(
 
 @pytest.mark.slow
 def test_a_sweep_and_a_resume_encode_the_data_once(cold_cache, encoder_calls, tmp_path, rows, tiny_llama):
-    from lorakit.sweep import sweep
-    from lorakit.train import train
+    from lorakit.training.train import train
+    from lorakit.workflows.sweep import sweep
 
     sweep(
         SweepConfig(
@@ -170,7 +171,7 @@ def test_the_streamed_encoding_equals_the_in_memory_one(
 
 
 def test_a_bad_row_stops_the_stream_with_its_line(cold_cache, tmp_path, smol_tokenizer):
-    from lorakit.errors import LorakitError
+    from lorakit.core.errors import LorakitError
 
     data = _messy_rows(tmp_path)
     with pytest.raises(LorakitError, match=r"messy.jsonl:41: invalid JSON"):

@@ -8,9 +8,10 @@ import shutil
 import pytest
 
 from lorakit.cli import main
-from lorakit.config import EvalConfig, GenerateConfig, PlanConfig, TrainConfig, resolve
-from lorakit.errors import LorakitError
-from lorakit.train import train
+from lorakit.core.config import EvalConfig, GenerateConfig, PlanConfig, TrainConfig
+from lorakit.core.errors import LorakitError
+from lorakit.core.fields import resolve
+from lorakit.training.train import train
 
 from .conftest import assemble_rows, tiny_train_config, write_jsonl
 
@@ -50,7 +51,7 @@ def test_no_system_prompt_unless_given(tmp_path):
 )
 def test_explicit_system_prompt_overrides_the_adapters(tmp_path, adapter, given, used):
     """Unset inherits the adapter's training prompt; any given value wins, the old default included."""
-    from lorakit.evaluate import evaluate
+    from lorakit.workflows.evaluate import evaluate
 
     test_rows = write_jsonl(
         tmp_path / "t.jsonl", [{"instruction": "Assemble.", "input": "NOP", "output": "EA"}]
@@ -78,7 +79,7 @@ def test_flag_and_yaml_system_prompt_given_as_empty_is_not_unset(tmp_path):
 def test_generate_is_greedy_by_default(tiny_llama, adapter):
     import torch
 
-    from lorakit.generate import generate
+    from lorakit.inference.generate import generate
 
     cfg = GenerateConfig(base_model=str(tiny_llama), adapter=str(adapter), max_new_tokens=12)
     torch.manual_seed(1)
@@ -149,7 +150,7 @@ def test_skipped_rows_are_listed_in_the_summary_and_manifest(tmp_path, tiny_llam
 def test_demo_held_out_rows_share_no_operand_with_training():
     import re
 
-    from lorakit.data import demo_path
+    from lorakit.data.sources import demo_path
 
     def operands(split):
         rows = [json.loads(x) for x in demo_path(split).read_text().splitlines()]
@@ -165,8 +166,9 @@ def test_sweep_best_yaml_is_the_full_run(tmp_path, tiny_llama, data):
     """best.yaml keeps the best trial's settings but the sweep's own schedule, not the budget."""
     import dataclasses
 
-    from lorakit.config import SweepConfig, to_yaml
-    from lorakit.sweep import Sweep, Trial
+    from lorakit.core.config import SweepConfig
+    from lorakit.core.fields import to_yaml
+    from lorakit.workflows.sweep import Sweep, Trial
 
     cfg = SweepConfig(
         base_model=str(tiny_llama),
@@ -191,7 +193,7 @@ def test_sweep_best_yaml_is_the_full_run(tmp_path, tiny_llama, data):
 
 
 def test_eval_with_skipped_rows_keeps_each_score_on_its_row(tmp_path, adapter):
-    from lorakit.evaluate import evaluate
+    from lorakit.workflows.evaluate import evaluate
 
     rows = [
         {"instruction": "Assemble.", "input": "NOP", "output": "EA"},

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.checkpoints import CHECKPOINT_MARKER
-from lorakit.config import PlanConfig
-from lorakit.launch import accelerate_config
+from lorakit.core.config import PlanConfig
+from lorakit.training.checkpoints import CHECKPOINT_MARKER
+from lorakit.training.launch import accelerate_config
 
 from .conftest import assemble_rows, write_jsonl
 
@@ -143,8 +143,8 @@ def test_shipped_accelerate_configs_validate(name, kind):
 
 
 def test_launch_command_uses_accelerate():
-    from lorakit.config import TrainConfig
-    from lorakit.launch import launch_command
+    from lorakit.core.config import TrainConfig
+    from lorakit.training.launch import launch_command
 
     cmd = launch_command(
         TrainConfig(num_processes=4, distributed="deepspeed_zero3", bf16=True), ["train", "--bf16"]
@@ -155,7 +155,7 @@ def test_launch_command_uses_accelerate():
 
 
 def test_planner_shards_by_engine():
-    from lorakit.plan import make_plan
+    from lorakit.planning.memory import make_plan
 
     base = dict(base_model="Qwen2.5-7B", bf16=True, lora_r=16, batch_size=1, max_seq_length=512)
     single = make_plan(PlanConfig(**base))

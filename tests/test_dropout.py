@@ -4,8 +4,8 @@ backward pass, and the same gradients with and without gradient checkpointing.""
 import pytest
 import torch
 
-from lorakit.config import TrainConfig
-from lorakit.dropout import CPUDropout, keep_mask
+from lorakit.core.config import TrainConfig
+from lorakit.models.dropout import CPUDropout, keep_mask
 
 
 def test_drop_rate_scale_and_independence():
@@ -64,7 +64,7 @@ def test_forward_backward_and_eval():
 def test_peft_dropouts_are_replaced_and_checkpointing_gives_the_same_gradients(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.models import add_lora
+    from lorakit.models.loading import add_lora
 
     def gradients(checkpointing: bool, seed: int = 7):
         torch.manual_seed(0)

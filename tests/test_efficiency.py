@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.data import MICRO_BATCH_COST, Collator
-from lorakit.efficiency import Counter, Shape, useful_flops
-from lorakit.models import EAGER_MAX_TOKENS_CPU, attention_implementation
-from lorakit.train import train
+from lorakit.models.loading import EAGER_MAX_TOKENS_CPU, attention_implementation
+from lorakit.training.batching import MICRO_BATCH_COST, Collator
+from lorakit.training.efficiency import Counter, Shape, useful_flops
+from lorakit.training.train import train
 
 from .conftest import inject_oom, write_jsonl
 from .conftest import tiny_train_config as base_cfg
@@ -116,7 +116,7 @@ def test_collated_micro_batches_hold_the_steps_rows():
 
 def _calls(monkeypatch):
     """Records the shape of every training forward (the chunked loss is the training path)."""
-    import lorakit.loss as loss
+    import lorakit.training.loss as loss
 
     shapes = []
     real = loss.causal_lm_loss
@@ -267,8 +267,8 @@ def test_a_run_without_quantization_does_not_import_bitsandbytes(tmp_path, tiny_
 
 
 def test_bitsandbytes_is_kept_for_what_needs_it():
-    from lorakit.config import TrainConfig
-    from lorakit.launch import needs_bitsandbytes
+    from lorakit.core.config import TrainConfig
+    from lorakit.training.launch import needs_bitsandbytes
 
     assert not needs_bitsandbytes(TrainConfig())
     assert needs_bitsandbytes(TrainConfig(load_in_4bit=True))
@@ -277,11 +277,11 @@ def test_bitsandbytes_is_kept_for_what_needs_it():
 
 
 def test_bf16_runs_the_chunked_loss_under_autocast(tmp_path, tiny_llama, varied, monkeypatch):
-    from lorakit.models import cpu_supports_bf16
+    from lorakit.models.loading import cpu_supports_bf16
 
     if not cpu_supports_bf16():
         pytest.skip("this CPU has no bf16")
-    import lorakit.loss as loss
+    import lorakit.training.loss as loss
 
     seen = []
     real = loss.causal_lm_loss
@@ -301,9 +301,9 @@ def test_bf16_runs_the_chunked_loss_under_autocast(tmp_path, tiny_llama, varied,
 def test_bf16_speed_paths_train_bit_for_bit_as_plain_autocast(tmp_path, tiny_llama, varied, monkeypatch):
     """Frozen linear weights held in bf16, LoRA inputs left in bf16, the LM head cast once: the
     matmuls see the same bf16 values as when autocast casts everything at every use."""
-    import lorakit.loss as loss
-    import lorakit.models as models
-    import lorakit.train as lktrain
+    import lorakit.models.loading as models
+    import lorakit.training.loss as loss
+    import lorakit.training.train as lktrain
 
     if not models.cpu_supports_bf16():
         pytest.skip("this CPU has no native bf16")
@@ -333,7 +333,7 @@ def test_bf16_speed_paths_train_bit_for_bit_as_plain_autocast(tmp_path, tiny_lla
 
 
 def test_the_lm_head_is_cast_once_under_autocast():
-    from lorakit.loss import _lm_head
+    from lorakit.training.loss import _lm_head
 
     head = torch.nn.Linear(8, 11, bias=False).requires_grad_(False)
     h = torch.randn(3, 8)
@@ -353,8 +353,8 @@ def test_the_lm_head_is_cast_once_under_autocast():
 def test_half_linear_weights_leave_the_tied_embedding_and_trained_layers_fp32(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.config import TrainConfig
-    from lorakit.models import add_lora, half_linear_weights
+    from lorakit.core.config import TrainConfig
+    from lorakit.models.loading import add_lora, half_linear_weights
 
     cfg = TrainConfig(lora_r=4, bf16=True, modules_to_save=["lm_head"])
     model = add_lora(cfg, AutoModelForCausalLM.from_pretrained(tiny_llama))

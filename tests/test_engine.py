@@ -8,7 +8,9 @@ import contextlib
 import pytest
 import torch
 
-from lorakit.engine import BASE, BatchEngine, Job, PrefixCache, Sampling, TextStream, sample
+from lorakit.inference.decoding import Sampling, TextStream, sample
+from lorakit.inference.engine import BASE, BatchEngine, Job
+from lorakit.inference.kvcache import PrefixCache
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -19,7 +21,7 @@ def two_adapters(tiny_llama, smol_tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorakit.data import ChatFormat
+    from lorakit.data.template import ChatFormat
 
     torch.manual_seed(3)
     model = get_peft_model(
@@ -135,7 +137,7 @@ def test_prefix_cache_hits_give_the_answers_of_a_full_prefill(two_adapters):
 
 
 def test_prefix_cache_is_keyed_by_adapter_and_tokens(smol_tokenizer):
-    from lorakit.data import ChatFormat
+    from lorakit.data.template import ChatFormat
 
     chat = ChatFormat(smol_tokenizer)
 

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from lorakit.config import EvalConfig, TrainConfig
-from lorakit.data import load_rows, to_samples
-from lorakit.evaluate import (
+from lorakit.core.config import EvalConfig, TrainConfig
+from lorakit.data.formats import to_samples
+from lorakit.data.sources import load_rows
+from lorakit.workflows.evaluate import (
     METRIC_DEFINITIONS,
     chrf,
     corpus_chrf,
@@ -108,7 +109,7 @@ def test_stop_rate_of_a_model_that_never_stops_and_one_that_always_does(tmp_path
 
 
 def test_eval_adapter_against_base_writes_reports(tmp_path, tiny_llama, test_rows):
-    from lorakit.train import train
+    from lorakit.training.train import train
 
     data = write_jsonl(
         tmp_path / "train.jsonl",

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit.config import ExportConfig, MergeConfig, TrainConfig
-from lorakit.errors import LorakitError
-from lorakit.export import _permute_rotary, vllm_command, write_gguf, write_lora_gguf
-from lorakit.merge import merge
-from lorakit.train import train
+from lorakit.core.config import ExportConfig, MergeConfig, TrainConfig
+from lorakit.core.errors import LorakitError
+from lorakit.export.gguf import _permute_rotary, write_gguf, write_lora_gguf
+from lorakit.export.merge import merge
+from lorakit.export.targets import vllm_command
+from lorakit.training.train import train
 
 from .conftest import EXPORT_ALL_FILES, assemble_rows, write_jsonl
 
@@ -172,7 +173,7 @@ def gguf_tokenizer(fields):
     """A tokenizer built only from the GGUF's vocabulary, merges, token types and pre-tokenizer name."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
 
-    from lorakit.pretokenizer import rule_for_name
+    from lorakit.models.pretokenizer import rule_for_name
 
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"]]
@@ -228,7 +229,7 @@ def test_unsupported_architecture_is_named(tmp_path):
 
 
 def test_modelfile_quoting_and_parameters(smol_tokenizer):
-    from lorakit.export import modelfile
+    from lorakit.export.ollama import modelfile
 
     text = modelfile("./m.gguf", smol_tokenizer, "Line one.\nLine two.", ExportConfig(temperature=0.5))
     assert 'SYSTEM """Line one.\nLine two."""' in text

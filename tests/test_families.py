@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit.export import write_gguf, write_lora_gguf
-from lorakit.families import llama3_rope_freqs
+from lorakit.export.families import llama3_rope_freqs
+from lorakit.export.gguf import write_gguf, write_lora_gguf
 
 from .conftest import (
     EXPORT_ALL_FILES,
@@ -167,7 +167,7 @@ def test_llama3_rope_freqs_golden():
 @pytest.mark.parametrize("fixture", FAMILIES + ["tiny_qwen2"])
 def test_train_then_export_all(request, tmp_path, fixture):
     from lorakit.cli import main
-    from lorakit.train import train
+    from lorakit.training.train import train
 
     base = request.getfixturevalue(fixture)
     data = write_jsonl(tmp_path / "d.jsonl", assemble_rows(8))

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorakit.cli import COMMANDS, main
-from lorakit.config import TrainConfig, _type_of
+from lorakit.core.config import TrainConfig
+from lorakit.core.fields import _type_of
 
 CONFIG_COMMANDS = [c for c in COMMANDS if c.config is not None]
 
@@ -174,7 +175,7 @@ def test_unknown_flags_get_one_line(command, name):
 
 
 def test_list_flags_take_spaces_and_commas(tmp_path):
-    from lorakit.config import resolve
+    from lorakit.core.fields import resolve
 
     for value in (["q_proj,v_proj"], ["q_proj", "v_proj"], ["q_proj, v_proj"], ["q_proj,", "v_proj"]):
         assert resolve(TrainConfig, {"target_modules": value}).target_modules == ["q_proj", "v_proj"]
@@ -183,7 +184,7 @@ def test_list_flags_take_spaces_and_commas(tmp_path):
     cfg = resolve(TrainConfig, config_file=str(yaml_file))
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.modules_to_save == ["lm_head", "embed_tokens"]
     # Values that hold commas themselves are kept whole.
-    from lorakit.config import SweepConfig
+    from lorakit.core.config import SweepConfig
 
     assert resolve(SweepConfig, {"param": ["learning_rate=1e-4,2e-4"]}).param == ["learning_rate=1e-4,2e-4"]
 
@@ -204,7 +205,7 @@ def test_yaml_values_are_checked_with_file_and_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, tiny_llama):
-    from lorakit.train import train
+    from lorakit.training.train import train
 
     from .conftest import write_jsonl
 
@@ -325,8 +326,8 @@ def test_damaged_tokenizer_gguf_checkpoint_and_metrics(tmp_path, adapter, tiny_l
     )
     assert_one_line_error(rc, err, "lorakit-checkpoint.json")
     # A damaged metrics.jsonl (not its last line, which a kill may cut short).
-    from lorakit.errors import LorakitError
-    from lorakit.monitor import read_metrics
+    from lorakit.core.errors import LorakitError
+    from lorakit.training.monitor import read_metrics
 
     (run / "metrics.jsonl").write_text('{"step": 1}\n{broken\n{"step": 2}\n')
     with pytest.raises(LorakitError, match=r"metrics.jsonl:2: not valid JSON"):

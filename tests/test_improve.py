@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from lorakit.cli import main
-from lorakit.config import SynthConfig
-from lorakit.data import demo_path
-from lorakit.synth import group_failures, pattern, read_failures, run_synth
-from lorakit.teacher import parse_samples
+from lorakit.core.config import SynthConfig
+from lorakit.data.sources import demo_path
+from lorakit.workflows.synth import group_failures, pattern, read_failures, run_synth
+from lorakit.workflows.teacher import parse_samples
 
 from .conftest import tiny_train_config, write_jsonl
 
@@ -168,7 +168,7 @@ def test_kept_rows_are_checked_and_never_near_held_out_rows(tmp_path, teacher):
 
 
 def test_a_paraphrased_held_out_row_is_a_duplicate(tmp_path):
-    from lorakit.synth import build_reference
+    from lorakit.workflows.synth import build_reference
 
     cfg = SynthConfig(
         failures="-", eval_dataset=str(demo_path("test")), dataset=str(demo_path("train")), near_duplicate=0.8
@@ -250,7 +250,7 @@ def test_synth_cli_errors_are_one_line(tmp_path, teacher, capsys):
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory, tiny_llama):
-    from lorakit.train import train
+    from lorakit.training.train import train
 
     tmp = tmp_path_factory.mktemp("student")
     data = write_jsonl(tmp / "train.jsonl", demo_rows("train")[:24])
@@ -326,8 +326,8 @@ def test_improve_resumes_after_sigkill_without_repaying_the_teacher(tmp_path, te
 
 def test_one_round_in_process_writes_its_report(tmp_path, teacher, student):
     """The rounds without processes of their own (the quick subset's view of improve)."""
-    from lorakit.config import ImproveConfig
-    from lorakit.improve import improve
+    from lorakit.core.config import ImproveConfig
+    from lorakit.workflows.improve import improve
 
     url, state = teacher(copy=False)
     out = improve(

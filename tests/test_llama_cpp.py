@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit.export import write_gguf, write_lora_gguf
+from lorakit.export.gguf import write_gguf, write_lora_gguf
 
 from .conftest import FAMILIES, random_lora_and_merge
 

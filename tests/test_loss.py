@@ -3,9 +3,12 @@
 import pytest
 import torch
 
-from lorakit.config import TrainConfig
-from lorakit.data import IGNORE_INDEX, ChatFormat, Collator, encode_rows
-from lorakit.loss import causal_lm_loss, chunked_lm_loss
+from lorakit.core.config import TrainConfig
+from lorakit.core.labels import IGNORE_INDEX
+from lorakit.data.encode import encode_rows
+from lorakit.data.template import ChatFormat
+from lorakit.training.batching import Collator
+from lorakit.training.loss import causal_lm_loss, chunked_lm_loss
 
 ROWS = [
     {"instruction": "Assemble.", "input": "LDA #$12", "output": "A9 12"},
@@ -18,7 +21,7 @@ ROWS = [
 def lora_model(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.models import add_lora
+    from lorakit.models.loading import add_lora
 
     torch.manual_seed(0)
     model = add_lora(
@@ -101,7 +104,7 @@ def test_packed_batch_equals_per_row_computation(lora_model, smol_tokenizer, los
 
 
 def test_padding_free_training_runs(tmp_path, tiny_llama):
-    from lorakit.train import train
+    from lorakit.training.train import train
 
     from .conftest import write_jsonl
 
@@ -123,7 +126,7 @@ def test_padding_free_training_runs(tmp_path, tiny_llama):
 
 
 def test_the_padding_mask_is_dropped_only_where_right_padding_makes_it_moot(lora_model, smol_tokenizer):
-    import lorakit.loss as loss
+    import lorakit.training.loss as loss
 
     seen = []
     decoder = lora_model.get_base_model().model

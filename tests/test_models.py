@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakit import models
-from lorakit.errors import LorakitError
+from lorakit.core.errors import LorakitError
+from lorakit.models import loading as models
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.data import ChatFormat
-from lorakit.export import ollama_template
+from lorakit.data.template import ChatFormat
+from lorakit.export.ollama import ollama_template
 
 from .conftest import GEMMA_STYLE_TEMPLATE, PHI_STYLE_TEMPLATE, llama_cpp_tree
 

@@ -6,18 +6,16 @@ import json
 import pytest
 import torch
 
-from lorakit.config import PlanConfig, TrainConfig
-from lorakit.plan import (
-    GIB,
+from lorakit.core.config import PlanConfig, TrainConfig
+from lorakit.planning.memory import GIB, make_plan, weight_bytes
+from lorakit.planning.plan import fit
+from lorakit.planning.trace import (
     bundled_configs,
     find_bundled,
-    fit,
     load_model_config,
-    make_plan,
     meta_peft_model,
     step_peak_bytes,
     traced_peak,
-    weight_bytes,
 )
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -113,8 +111,8 @@ def real_model(config, cfg, layers):
     """The same architecture with real (random) CPU weights."""
     from transformers import AutoModelForCausalLM
 
-    from lorakit.models import add_lora
-    from lorakit.plan import _truncate_layers
+    from lorakit.models.loading import add_lora
+    from lorakit.planning.trace import _truncate_layers
 
     torch.manual_seed(0)
     c = _truncate_layers(config, layers)
@@ -132,7 +130,7 @@ def real_model(config, cfg, layers):
 )
 def test_traced_peak_matches_a_real_cpu_step(name, layers, batch, seq, gc, targets):
     config, _ = load_model_config(name)
-    from lorakit.plan import _truncate_layers
+    from lorakit.planning.trace import _truncate_layers
 
     small = _truncate_layers(config, layers)
     cfg = TrainConfig(lora_r=16, target_modules=targets, lora_dropout=0.0, gradient_checkpointing=gc)
@@ -234,7 +232,7 @@ def test_plan_uses_dataset_lengths(tmp_path, smol_dir):
 
 
 def test_train_warns_before_a_run_that_will_not_fit(capsys):
-    from lorakit.plan import memory_check
+    from lorakit.planning.plan import memory_check
 
     cfg = TrainConfig(base_model="Qwen2.5-14B", lora_r=64, fp16=True)
     assert memory_check(cfg, [900, 1000, 300], 16 * 1024**3) is False
@@ -270,7 +268,7 @@ def test_fit_lowers_the_rank_before_it_shortens_the_sequence():
 
 
 def test_fit_says_how_many_rows_a_shorter_sequence_drops(tmp_path, smol_dir, capsys):
-    from lorakit.plan import plan
+    from lorakit.planning.plan import plan
 
     from .conftest import write_jsonl
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.config import (
+from lorakit.core.config import (
     ChatConfig,
     DataArgs,
     ExportConfig,
@@ -85,7 +85,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_llama):
-    from lorakit.data import demo_path
+    from lorakit.data.sources import demo_path
 
     ws = tmp_path_factory.mktemp("readme")
     train_rows = [json.loads(x) for x in demo_path("train").read_text().splitlines()][:32]
@@ -272,7 +272,7 @@ def test_defaults_stated_in_the_readme_are_the_codes():
     assert int(find(r"`top_p [0-9.]+`, `top_k (\d+)`")) == e.top_k
     assert "`FROM` the GGUF (default)" in _readme_text() and e.ollama_from == "gguf"
     assert float(find(r"at an assumed (\d+)% of the GPU's peak")) / 100 == PlanConfig().utilization
-    from lorakit.plan import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB
+    from lorakit.planning.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB
 
     assert float(find(r"constants: ([0-9.]+) GiB for the CUDA context")) == round(CUDA_CONTEXT_BYTES / GIB, 2)
     assert float(find(r"and (\d+)% of the dynamic peak for allocator slack")) / 100 == ALLOCATOR_SLACK

@@ -13,8 +13,8 @@ import urllib.request
 
 import pytest
 
-from lorakit.config import TrainConfig
-from lorakit.train import train
+from lorakit.core.config import TrainConfig
+from lorakit.training.train import train
 
 from .conftest import serve_in_thread, write_jsonl
 
@@ -291,8 +291,8 @@ def test_a_flood_is_refused_with_retry_after_and_the_server_keeps_serving(serve_
 @pytest.fixture(scope="module")
 def live(tiny_llama):
     """The app on the tiny base model (no adapter) under uvicorn in a thread: (url, engine)."""
-    from lorakit.config import ServeConfig
-    from lorakit.serve import Engine, build_app
+    from lorakit.core.config import ServeConfig
+    from lorakit.inference.serve import Engine, build_app
 
     engine = Engine(ServeConfig(base_model=str(tiny_llama), max_tokens_limit=450, system_prompt=""))
     url, stop = serve_in_thread(build_app(engine))

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from lorakit.config import SweepConfig, TrainConfig, resolve
-from lorakit.errors import LorakitError
-from lorakit.monitor import read_metrics
-from lorakit.sweep import default_space, parse_params, sweep
+from lorakit.core.config import SweepConfig, TrainConfig
+from lorakit.core.errors import LorakitError
+from lorakit.core.fields import resolve
+from lorakit.training.monitor import read_metrics
+from lorakit.workflows.sweep import default_space, parse_params, sweep
 
 from .conftest import assemble_rows, write_jsonl
 
@@ -72,7 +73,7 @@ def test_grid_ranks_the_clearly_best_learning_rate_first(tmp_path, tiny_llama, d
     for name in ("sweep.md", "sweep.png", "best.yaml"):
         assert (tmp_path / "s" / name).is_file()
     # best.yaml re-runs the best trial exactly (same seed): same validation losses.
-    from lorakit.train import train
+    from lorakit.training.train import train
 
     again = train(resolve(TrainConfig, config_file=str(tmp_path / "s" / "best.yaml")))
     evals = [
@@ -101,7 +102,7 @@ def test_halving_runs_the_configured_steps_per_rung(tmp_path, tiny_llama, data):
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_llama, data, monkeypatch):
-    import lorakit.train as lt
+    import lorakit.training.train as lt
 
     real, calls = lt.train, []
 

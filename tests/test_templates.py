@@ -25,8 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorakit.data import IGNORE_INDEX, ChatFormat
-from lorakit.errors import LorakitError
+from lorakit.core.errors import LorakitError
+from lorakit.core.labels import IGNORE_INDEX
+from lorakit.data.template import ChatFormat
 
 from .conftest import conversations_of
 
@@ -230,7 +231,8 @@ def test_gemma2_system_prompt_goes_into_the_first_user_turn(smol_tokenizer):
 def test_a_template_that_rewrites_history_trains_one_row_per_turn(smol_tokenizer):
     """Qwen3 drops the empty reasoning block from past turns: each turn is its own row, exactly
     as inference saw it, and the data report says so."""
-    from lorakit.data import DataReport, Sample, encode_samples
+    from lorakit.data.encode import encode_samples
+    from lorakit.data.formats import DataReport, Sample
 
     [path] = [p for p in corpus() if p.stem == "Qwen-Qwen3-0.6B"]
     tok, chat, _ = chat_format(smol_tokenizer, path)
@@ -332,7 +334,7 @@ def test_random_conversations_train_on_the_inference_prompt(smol_tokenizer, data
 if __name__ == "__main__":
     from transformers import AutoTokenizer
 
-    from lorakit.models import resolve_base_model
+    from lorakit.models.loading import resolve_base_model
 
     base = AutoTokenizer.from_pretrained(resolve_base_model("").path)
     for name, r in tally(base).items():

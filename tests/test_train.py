@@ -4,9 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.config import TrainConfig, read_yaml
-from lorakit.errors import LorakitError
-from lorakit.train import train
+from lorakit.core.config import TrainConfig
+from lorakit.core.errors import LorakitError
+from lorakit.core.fields import read_yaml
+from lorakit.training.train import train
 
 
 def tiny_cfg(base, data, out, **kw) -> TrainConfig:
@@ -104,7 +105,7 @@ def test_adapter_reloads_with_plain_peft_same_logits(trained, tiny_llama):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lorakit.generate import load_for_inference
+    from lorakit.inference.generate import load_for_inference
 
     ids = torch.tensor([[1, 57, 1003, 42, 2, 7]])
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(out)).eval()

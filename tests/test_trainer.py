@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.checkpoints import CHECKPOINT_MARKER, complete_checkpoints
-from lorakit.errors import LorakitError
-from lorakit.train import train
+from lorakit.core.errors import LorakitError
+from lorakit.training.checkpoints import CHECKPOINT_MARKER, complete_checkpoints
+from lorakit.training.train import train
 
 from .conftest import assemble_rows, inject_oom, write_jsonl
 from .conftest import tiny_train_config as base_cfg
@@ -186,7 +186,7 @@ def test_early_stopping_restores_best_checkpoint(tmp_path, tiny_llama, data):
 
 def poison_embeddings(monkeypatch, when):
     """Make the model's own forward produce NaN on the training calls `when(call_number, model)` selects."""
-    import lorakit.train as lt
+    import lorakit.training.train as lt
 
     real = lt.add_lora
     calls = {"n": 0}
@@ -269,7 +269,7 @@ def test_oom_backoff_keeps_effective_batch_and_finishes(tmp_path, tiny_llama, da
 
 
 def test_oom_backoff_with_regrouped_rows_halves_the_row_cut(tmp_path, tiny_llama, data, monkeypatch):
-    import lorakit.data as lkdata
+    import lorakit.training.batching as lkdata
 
     seen = inject_oom(  # the first start of step 3 only
         monkeypatch,
@@ -349,7 +349,7 @@ def test_quantized_base_trains_on_this_machine(tmp_path, tiny_llama, data, flag,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import lorakit.train as lt
+    import lorakit.training.train as lt
 
     real, layers = lt.load_training_model, []
 
@@ -377,7 +377,7 @@ class _State:
 
 
 def test_health_warnings(capsys):
-    from lorakit.monitor import HealthWatch
+    from lorakit.training.monitor import HealthWatch
 
     flat = HealthWatch(no_progress_steps=10)
     for step in range(1, 13):
@@ -413,10 +413,10 @@ def test_resume_refuses_changed_chat_template(tmp_path, tiny_llama, data):
 
 
 def test_optimizer_trackers_and_run_name_reach_the_trainer(tmp_path):
-    from lorakit.config import TrainConfig
-    from lorakit.errors import LorakitError
-    from lorakit.plan import optimizer_state_bytes
-    from lorakit.trainer import training_arguments
+    from lorakit.core.config import TrainConfig
+    from lorakit.core.errors import LorakitError
+    from lorakit.planning.memory import optimizer_state_bytes
+    from lorakit.training.trainer import training_arguments
 
     cfg = TrainConfig(optim="paged_adamw_8bit", report_to=["none"], run_name="trial-3")
     args = training_arguments(cfg, tmp_path / "out", "no", 10, False)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import __version__
-from .config import (
+from .core.config import (
     ChatConfig,
     DashboardConfig,
     DataCacheConfig,
@@ -34,10 +34,9 @@ from .config import (
     SweepConfig,
     SynthConfig,
     TrainConfig,
-    add_arguments,
-    resolve,
 )
-from .errors import LorakitError
+from .core.errors import LorakitError
+from .core.fields import add_arguments, resolve
 
 
 @dataclass(frozen=True)
@@ -55,122 +54,122 @@ COMMANDS = (
     Command(
         "train",
         TrainConfig,
-        "launch:train_command",
+        "training.launch:train_command",
         "Train a LoRA adapter on a JSONL dataset.",
         wants_argv=True,
     ),
     Command(
         "generate",
         GenerateConfig,
-        "generate:generate_command",
+        "inference.generate:generate_command",
         "Answer a prompt with a base model, optionally with an adapter (greedy unless --temperature > 0).",
         (("prompt", {"help": "the user message"}),),
     ),
     Command(
         "plan",
         PlanConfig,
-        "plan:plan",
+        "planning.plan:plan",
         "Plan memory and speed of a training run (same flags as train), or --fit it to a GPU.",
     ),
     Command(
         "eval",
         EvalConfig,
-        "evaluate:evaluate",
+        "workflows.evaluate:evaluate",
         "Evaluate an adapter (or merged model) on held-out rows: loss, scores, stop rate, failures.",
     ),
     Command(
         "chat",
         ChatConfig,
-        "chat:chat",
+        "inference.chat:chat",
         "Chat with a model (and adapter) in the terminal: /reset, /system TEXT, /exit.",
     ),
     Command(
         "serve",
         ServeConfig,
-        "serve:serve",
+        "inference.serve:serve",
         "OpenAI-compatible HTTP server for local use (chat/completions, completions, models).",
     ),
     Command(
         "dashboard",
         DashboardConfig,
-        "dashboard:dashboard",
+        "ui.dashboard:dashboard",
         "Local web page: runs and their live curves, comparisons, eval and data reports, chat, new runs.",
     ),
     Command(
         "synth",
         SynthConfig,
-        "synth:synth",
+        "workflows.synth:synth",
         "New training rows for eval failures from a teacher model (OpenAI-compatible), each one checked.",
     ),
     Command(
         "improve",
         ImproveConfig,
-        "improve:improve",
+        "workflows.improve:improve",
         "Rounds of eval -> synth -> retrain -> eval on the same held-out rows, until no gain.",
     ),
     Command(
         "sweep",
         SweepConfig,
-        "sweep:sweep",
+        "workflows.sweep:sweep",
         "Hyperparameter sweep (grid, successive halving or Optuna) ranked by validation loss.",
     ),
     Command(
         "merge",
         MergeConfig,
-        "merge:merge",
+        "export.merge:merge",
         "Merge a LoRA adapter into its (de-quantized) base and verify the logits.",
     ),
     Command(
         "export gguf",
         ExportConfig,
-        "export:export_gguf",
+        "export.targets:export_gguf",
         "Merged model (and LoRA adapter) as GGUF for llama.cpp / Ollama.",
     ),
     Command(
         "export ollama",
         ExportConfig,
-        "export:export_ollama",
+        "export.targets:export_ollama",
         "A Modelfile with the training chat template, stop tokens and sampling defaults.",
     ),
     Command(
         "export vllm",
         ExportConfig,
-        "export:export_vllm",
+        "export.targets:export_vllm",
         "The `vllm serve` command for the merged model or base + adapter.",
     ),
     Command(
         "export all",
         ExportConfig,
-        "export:export_all",
+        "export.targets:export_all",
         "Merge, then GGUF, Ollama and vLLM exports into one folder with a README.",
     ),
     Command("models", None, "cli:print_models", "List the models usable offline and where they are cached."),
     Command(
         "data check",
         DataCheckConfig,
-        "doctor:check",
+        "data.doctor:check",
         "Validate and tokenize a dataset as training would; report what it found.",
         (("dataset", {"nargs": "?", "metavar": "DATASET", "help": "same as --dataset"}),),
     ),
     Command(
         "data convert",
         DataConvertConfig,
-        "doctor:convert",
+        "data.doctor:convert",
         "Write any accepted format as normalised messages-JSONL.",
         (("dataset", {"nargs": "?", "metavar": "DATASET", "help": "same as --dataset"}),),
     ),
     Command(
         "data cache",
         DataCacheConfig,
-        "datacache:data_cache",
+        "data.cache:data_cache",
         "List the cached encoded datasets (reused by train, resume, sweep, plan, check), or --clear them.",
     ),
     Command(
         "demo",
         DemoConfig,
-        "demo:demo",
+        "workflows.demo:demo",
         "Train the embedded default on the demo data and compare answers before and after.",
-        defaults="demo:demo_settings",
+        defaults="workflows.demo:demo_settings",
     ),
 )
 GROUPS = {"export": "Export to GGUF, Ollama or vLLM.", "data": "Check or convert a dataset."}
@@ -279,7 +278,7 @@ def print_models() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .models import cached_models, lorakit_home
+    from .models.loading import cached_models, lorakit_home
 
     table = Table(title=f"Models usable offline (LORAKIT_HOME={lorakit_home()})")
     for col in ("name", "kind", "source", "cache"):

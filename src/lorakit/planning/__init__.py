@@ -1,0 +1,1 @@
+"""`lorakit plan`: memory (weights, optimizer, traced activations) and speed before a run; `--fit`."""

@@ -1,0 +1,1 @@
+"""`lorakit dashboard`: run directories read as objects, and the web page's API."""
