@@ -64,7 +64,7 @@ def main() -> None:
     subprocess.run([*lorakit, "data", "cache", "--clear"], check=True, capture_output=True)
     check = [*lorakit, "data", "check", str(data), "--max_seq_length", "2048", "--preview", "0"]
     baseline, base_rss, _, _ = timed(
-        [sys.executable, "-c", "import lorakit.doctor, lorakit.models, transformers"]
+        [sys.executable, "-c", "import lorakit.data.doctor, lorakit.models.loading, transformers"]
     )
     load = os.getloadavg()[0]
     first, first_rss, out, first_cpu = timed(check)

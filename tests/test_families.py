@@ -1,4 +1,4 @@
-"""Every family in families.py, on a tiny random model of it (conftest.py):
+"""Every family in export/families.py, on a tiny random model of it (conftest.py):
 
 - a random LoRA merged by lorakit gives the logits of base + adapter (and differs from the base);
 - lorakit's GGUF of the merged model equals llama.cpp's converter's: tensor names, shapes, types

@@ -1,5 +1,5 @@
 """llama.cpp runs lorakit's GGUF files as transformers and PEFT run the checkpoints they came from,
-for every family in families.py (tiny random models of each, conftest.py):
+for every family in export/families.py (tiny random models of each, conftest.py):
 
 - the merged model (base + a random LoRA) as an f32 GGUF: llama.cpp's logits equal transformers'
   (f32 weights, eager attention) on the same tokens;

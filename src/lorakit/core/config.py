@@ -40,7 +40,7 @@ class ModelArgs(Checked):
     base_model: str = opt(
         "",
         "Hub id, local HF model directory or .gguf file ('' = the embedded SmolLM2-135M-Instruct).",
-        resumable=True,  # a resume checks the base by content (checkpoints.py), not by path
+        resumable=True,  # a resume checks the base by content (training/checkpoints.py), not by path
         sweepable=False,
     )
     trust_remote_code: bool = opt(

@@ -211,7 +211,7 @@ def encode_data(
     """The one encoding path of train, doctor, plan, evaluate and sweep: the config's data
     encoded with its length policy and train_on setting (each overridable).
 
-    With `cache`, the encoding is read from the data cache (datacache.py), or streamed into it
+    With `cache`, the encoding is read from the data cache (data/cache.py), or streamed into it
     once: rows are read, validated, de-duplicated and encoded a chunk at a time, so memory stays
     bounded at any dataset size. Without it (or when the cache cannot be written), `samples`
     (load_samples(cfg), or a function returning it; by default read from cfg) are encoded in

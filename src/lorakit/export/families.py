@@ -4,7 +4,7 @@ A record says which llama.cpp architecture a transformers `model_type` becomes, 
 kind it carries, its architecture metadata (from the model's config.json), the tensors that are
 changed on the way (q/k rotary layout, Gemma's norm offset) and the tensors llama.cpp
 needs that the checkpoint does not hold (RoPE frequency factors). The tensor *names* come from the
-`gguf` package's own map for the architecture. export.py writes files from these records and
+`gguf` package's own map for the architecture. export/gguf.py writes files from these records and
 branches on no family name.
 
 Read off llama.cpp's converter (conversion/*.py in llama.cpp): what it writes for each family is

@@ -2,7 +2,7 @@
 
 Several adapters share one base (PEFT); the request's `model` picks one (`base` = none), and
 concurrent requests are generated together, each with its own adapter, by the batch engine
-(engine.py). For production serving use `lorakit export vllm` or `lorakit export ollama`.
+(inference/engine.py). For production serving use `lorakit export vllm` or `lorakit export ollama`.
 
 The HTTP side is an ASGI app (Starlette) run by uvicorn, not the standard library's server:
 - the engine streams tokens to many open requests at once; an asyncio loop holds those

@@ -1,8 +1,8 @@
 """llama.cpp's pre-tokenizer names and the split rules they stand for, in both directions.
 
 A GGUF file names its pre-tokenizer (`tokenizer.ggml.pre`) instead of storing the split regex;
-llama.cpp picks the regex by that name. Reading a GGUF (models.py) needs name -> rule, so the HF
-tokenizer splits text the way the model will run; writing one (export.py) needs rule -> name, so
+llama.cpp picks the regex by that name. Reading a GGUF (models/loading.py) needs name -> rule, so the HF
+tokenizer splits text the way the model will run; writing one (export/gguf.py) needs rule -> name, so
 the exported model splits text the way it was trained. Written by hand because neither `gguf`
 nor `tokenizers` carries this table (llama.cpp keeps it in C++ and in its converter's hashes).
 """

@@ -1,7 +1,7 @@
 """Training: base model + LoRA (PEFT) trained on the encoded rows with transformers' Trainer.
 
 Why Trainer and not TRL's SFTTrainer: lorakit tokenizes and masks rows itself (the mask comes
-from the chat template, see data.py), so what is left is a plain causal-LM loop. SFTTrainer would
+from the chat template, see data/template.py), so what is left is a plain causal-LM loop. SFTTrainer would
 re-process the text (it appends EOS to text that already ends in the end-of-turn token, and builds
 its own mask), which is the layer where silent data bugs come from.
 

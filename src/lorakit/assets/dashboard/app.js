@@ -1,4 +1,4 @@
-// lorakit dashboard: one page, views chosen by the URL's #fragment, data from /api (see dashboard.py).
+// lorakit dashboard: one page, views chosen by the URL's #fragment, data from /api (see ui/dashboard.py).
 "use strict";
 
 const COLORS = ["#4477aa", "#cc3311", "#228833", "#aa3377", "#ee7733", "#009988", "#666666", "#bbbb00"];
