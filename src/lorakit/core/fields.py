@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LorakitError
+from .runfiles import SETTINGS
 
 
 @dataclass(frozen=True)
@@ -308,7 +309,7 @@ def to_yaml(cfg: Any) -> str:
     return header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
 
 
-def write_yaml(cfg: Any, directory: str | Path, name: str = "lorakit.yaml") -> Path:
+def write_yaml(cfg: Any, directory: str | Path, name: str = SETTINGS) -> Path:
     from .files import atomic_write_text
 
     return atomic_write_text(Path(directory) / name, to_yaml(cfg))

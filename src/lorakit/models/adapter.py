@@ -16,6 +16,7 @@ from typing import Any
 from ..core.config import TrainConfig
 from ..core.errors import LorakitError
 from ..core.fields import read_yaml
+from ..core.runfiles import ADAPTER_CONFIG, MANIFEST, SETTINGS
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Adapter:
         """Read and check an adapter directory; `weights=False` for commands that only read its
         configuration (the vLLM command line)."""
         d = Path(path).expanduser()
-        config_file = d / "adapter_config.json"
+        config_file = d / ADAPTER_CONFIG
         if not config_file.is_file():
             raise LorakitError(
                 f"--adapter {path}: no adapter_config.json there (expected a directory written by `lorakit train`)"
@@ -44,11 +45,11 @@ class Adapter:
         _check_lora_config(lora_config, config_file)
         if weights:
             _check_weights(d, lora_config)
-        settings_file = d / "lorakit.yaml"
+        settings_file = d / SETTINGS
         settings = TrainConfig(**read_yaml(settings_file, TrainConfig)) if settings_file.is_file() else None
         if settings is None:  # a foreign PEFT adapter: PEFT records the base it was made on
             settings = TrainConfig(base_model=lora_config.get("base_model_name_or_path") or "")
-        manifest_file = d / "manifest.json"
+        manifest_file = d / MANIFEST
         try:
             manifest = (
                 json.loads(manifest_file.read_text(encoding="utf-8")) if manifest_file.is_file() else {}

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..core.config import TrainConfig
 from ..core.errors import LorakitError
 from ..core.fields import field_names
+from ..core.runfiles import ADAPTER_CONFIG
 
 CHECKPOINT_MARKER = "lorakit-checkpoint.json"
 
@@ -95,7 +96,7 @@ def guard_output_dir(cfg: TrainConfig, out: Path) -> None:
     """A new run never silently replaces an adapter or an unfinished run in output_dir."""
     if cfg.resume or cfg.resume_from_checkpoint or cfg.overwrite:
         return
-    if (out / "adapter_config.json").exists():
+    if (out / ADAPTER_CONFIG).exists():
         raise LorakitError(f"{out} already holds an adapter: pass --overwrite or choose another --output_dir")
     if complete_checkpoints(out):
         raise LorakitError(

@@ -13,13 +13,13 @@ from transformers import TrainerCallback
 
 from ..core.errors import LorakitError
 from ..core.files import is_main_process, say
+from ..core.runfiles import METRICS
 
-METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 
 
 def read_metrics(out: Path) -> list[dict]:
-    path = out / METRICS_FILE
+    path = out / METRICS
     if not path.is_file():
         return []
     rows, lines = [], path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -47,7 +47,7 @@ class MetricsLog(TrainerCallback):
     """
 
     def __init__(self, out: Path):
-        self.path = out / METRICS_FILE
+        self.path = out / METRICS
         self.last = (time.perf_counter(), 0)
 
     def on_train_begin(self, args, state, control, **kw):

@@ -27,6 +27,7 @@ from ..core.config import TrainConfig
 from ..core.errors import LorakitError
 from ..core.fields import write_yaml
 from ..core.files import atomic_write_json, is_main_process, say, staged_files
+from ..core.runfiles import ADAPTER_CONFIG, MANIFEST
 from ..data.encode import Encoded, encode_data, row_lengths
 from ..data.formats import DataReport
 from ..data.template import ChatFormat
@@ -439,11 +440,11 @@ def _write_adapter(run: Run, fitted: Fit, summary: dict) -> None:
         gradient_accumulation_steps=fitted.batch.accumulation,
         max_tokens_per_batch=fitted.batch.tokens,
     )
-    with staged_files(run.out, last=("adapter_config.json",)) as tmp:
+    with staged_files(run.out, last=(ADAPTER_CONFIG,)) as tmp:
         fitted.trainer.model.save_pretrained(tmp, safe_serialization=True)  # the best one with early stopping
         run.tokenizer.save_pretrained(tmp)
         write_yaml(cfg, tmp)
-        atomic_write_json(tmp / "manifest.json", manifest(cfg, run, status="finished", final_metrics=summary))
+        atomic_write_json(tmp / MANIFEST, manifest(cfg, run, status="finished", final_metrics=summary))
     state = fitted.trainer.state
     restored = (
         f", restored best step {state.best_model_checkpoint.rsplit('-', 1)[-1]}"

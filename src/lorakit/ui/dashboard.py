@@ -39,6 +39,7 @@ from typing import Any
 from ..core.config import DashboardConfig, PlanConfig, ServeConfig, TrainConfig
 from ..core.errors import LorakitError
 from ..core.fields import form_value, resolve
+from ..core.runfiles import ADAPTER_CONFIG, METRICS, TRAIN_LOG
 from ..inference.access import LOCAL, Access, access_for, check_bind, configured_key, guarded
 from . import rundir
 
@@ -109,7 +110,7 @@ class Jobs:
 
         out = Path(cfg.output_dir).expanduser()
         out.mkdir(parents=True, exist_ok=True)
-        log = out / "train.log"
+        log = out / TRAIN_LOG
         command = [sys.executable, "-m", "lorakit", "train", *train_args(cfg)]
         if "--output_dir" not in command:  # the default output_dir: pass it all the same
             command += ["--output_dir", str(out)]
@@ -147,7 +148,7 @@ class ChatEngines:
 
     def serve_config(self, run: Path) -> ServeConfig:
         settings, _ = rundir.settings_of(run)
-        has_adapter = (run / rundir.ADAPTER).is_file()
+        has_adapter = (run / ADAPTER_CONFIG).is_file()
         return ServeConfig(
             base_model="" if has_adapter else str(settings.get("base_model") or ""),
             adapter=[f"adapter={run}"] if has_adapter else [],
@@ -389,7 +390,7 @@ def build_dashboard_app(board: Dashboard, access: Access | None = None):
     async def metrics(request: Request):
         path = board.run_dir(request.query_params.get("id"))
         offset = request.query_params.get("offset", "0")
-        m = rundir.read_metrics(path / rundir.METRICS, int(offset) if offset.isdigit() else 0)
+        m = rundir.read_metrics(path / METRICS, int(offset) if offset.isdigit() else 0)
         return JSONResponse({"rows": m.rows, "offset": m.offset, "notes": m.notes})
 
     async def compare(request: Request):

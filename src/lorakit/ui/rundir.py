@@ -27,15 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-METRICS = "metrics.jsonl"
-SETTINGS = "lorakit.yaml"
-MANIFEST = "manifest.json"
-ADAPTER = "adapter_config.json"
-EVAL = "eval.json"
-FAILURES = "failures.jsonl"
-DATA_CHECK = "data_check.json"  # `lorakit data check --output RUN/data_check.json`
+from ..core.runfiles import ADAPTER_CONFIG, DATA_CHECK, EVAL, FAILURES, MANIFEST, METRICS, SETTINGS
+
 SWEEP = "sweep.json"
-MARKERS = (SETTINGS, MANIFEST, METRICS, ADAPTER)
+MARKERS = (SETTINGS, MANIFEST, METRICS, ADAPTER_CONFIG)
 # Folders inside a tree of runs that never hold one: TensorBoard logs, exports, caches.
 NOT_RUNS = {"runs", "merged", "export", "node_modules", "__pycache__"}
 SEARCH_DEPTH = 4
@@ -235,7 +230,7 @@ def summarize(path: Path, root: Path, stale_after: float, alive: bool = False) -
         settings = manifest.get("config") or {}
     metrics = read_metrics(path / METRICS)
     notes += metrics.notes
-    has_adapter = ADAPTER in names
+    has_adapter = ADAPTER_CONFIG in names
     if SETTINGS not in names:
         notes.append(f"no {SETTINGS}: settings unknown")
     if has_adapter and MANIFEST not in names:

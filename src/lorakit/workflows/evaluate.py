@@ -20,6 +20,7 @@ from ..core.config import EvalConfig
 from ..core.errors import LorakitError
 from ..core.files import atomic_write_json, atomic_write_text, say
 from ..core.labels import IGNORE_INDEX
+from ..core.runfiles import EVAL, FAILURES
 
 METRICS = ("exact_match", "token_f1", "rouge_l", "chrf")
 METRIC_DEFINITIONS = {
@@ -289,10 +290,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         }
         for r, b in zip(rows, base_rows or rows)
     ]
-    atomic_write_json(out / "eval.json", report)
+    atomic_write_json(out / EVAL, report)
     atomic_write_text(out / "eval.md", markdown_report(report, results))
     _bar_chart(results, out / "eval.png")
-    _write_failures(rows, cfg.failures, out / "failures.jsonl")
+    _write_failures(rows, cfg.failures, out / FAILURES)
     print_report(results, rows, base_rows)
     say(f"lorakit: eval report in {out} (eval.json, eval.md, eval.png, failures.jsonl)")
     return report

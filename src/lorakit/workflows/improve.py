@@ -31,6 +31,7 @@ from ..core.config import EvalConfig, ImproveConfig, SynthConfig, TrainConfig
 from ..core.errors import LorakitError
 from ..core.fields import narrow, write_yaml
 from ..core.files import atomic_write_json, atomic_write_text, say
+from ..core.runfiles import FAILURES
 
 SHOWN = ("exact_match", "token_f1", "stop_rate", "loss")
 
@@ -113,7 +114,7 @@ def _round(
     rd = out / f"round-{k}"
     result = {"round": k, "before": before, "after": None, "adapter": None, "stop": ""}
     tokens_before = sum(r["synth"]["teacher_tokens"] for r in rounds)
-    failures = out / f"round-{k - 1}" / "eval" / "failures.jsonl"
+    failures = out / f"round-{k - 1}" / "eval" / FAILURES
     # Rows of earlier rounds are training data now: new rows must not repeat them either.
     trained_on = str(out / f"round-{k - 1}" / "data") if k > 1 else cfg.dataset
     result["synth"] = steps.run(

@@ -25,6 +25,7 @@ from ..core.config import PlanConfig, SweepConfig, TrainConfig, size_band
 from ..core.errors import LorakitError
 from ..core.fields import _coerce, field_names, narrow, to_yaml
 from ..core.files import atomic_write_json, atomic_write_text, say
+from ..core.runfiles import ADAPTER_CONFIG
 
 LR_LADDER = [1e-4, 2e-4, 5e-4, 1e-3]  # the guide's "try these in order"
 SWEEPABLE = field_names(TrainConfig, sweepable=True)
@@ -111,7 +112,7 @@ class Sweep:
         tdir = self.dir / "trials" / slug(overrides)
         from ..training.checkpoints import complete_checkpoints
 
-        unfinished = bool(complete_checkpoints(tdir)) and not (tdir / "adapter_config.json").exists()
+        unfinished = bool(complete_checkpoints(tdir)) and not (tdir / ADAPTER_CONFIG).exists()
         return dataclasses.replace(
             self.base,
             **values,
@@ -362,7 +363,7 @@ def _finished(out: Path) -> bool:
     from ..training.monitor import read_metrics
 
     rows = read_metrics(out)
-    return (out / "adapter_config.json").is_file() and bool(rows) and rows[-1].get("status") == "finished"
+    return (out / ADAPTER_CONFIG).is_file() and bool(rows) and rows[-1].get("status") == "finished"
 
 
 def _last_step(out: Path) -> int:

@@ -44,6 +44,7 @@ from ..core.config import SynthConfig
 from ..core.errors import LorakitError
 from ..core.fields import write_yaml
 from ..core.files import atomic_write_json, atomic_write_text, say
+from ..core.runfiles import EVAL, FAILURES
 from .teacher import Reply, Teacher, parse_samples
 
 REASONS = ("shape", "invalid", "too_long", "duplicate_eval", "duplicate_train", "duplicate_synth", "verify")
@@ -91,7 +92,7 @@ def read_failures(path: str | Path) -> list[Failure]:
 
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / "failures.jsonl"
+        path = path / FAILURES
     if not path.is_file():
         raise LorakitError(f"--failures {path}: no such file (give the failures.jsonl `lorakit eval` wrote)")
     out = []
@@ -458,7 +459,7 @@ def _with_eval_defaults(cfg: SynthConfig) -> SynthConfig:
     if cfg.eval_dataset and cfg.dataset:
         return cfg
     path = Path(cfg.failures).expanduser()
-    eval_json = (path if path.is_dir() else path.parent) / "eval.json"
+    eval_json = (path if path.is_dir() else path.parent) / EVAL
     try:
         report = json.loads(eval_json.read_text(encoding="utf-8"))
     except (OSError, ValueError):
