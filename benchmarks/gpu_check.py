@@ -281,10 +281,10 @@ def load_lorakit(model_dir: str, cfg, device):
     """The model exactly as `lorakit train` builds it: load_training_model (bitsandbytes for
     4-bit, prepare_model_for_kbit_training) then add_lora."""
     from lorakit.core.config import TrainConfig
-    from lorakit.core.fields import narrow
+    from lorakit.core.fields import as_config
     from lorakit.models.loading import add_lora, load_training_model, resolve_base_model
 
-    train_cfg = narrow(cfg, TrainConfig)
+    train_cfg = as_config(cfg, TrainConfig)
     model = add_lora(train_cfg, load_training_model(train_cfg, resolve_base_model(model_dir), cfg.precision))
     if not cfg.load_in_4bit:
         model.to(device)  # a 4-bit model is placed on the GPU by its device_map while it loads

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_teacher  # noqa: E402
 
 from lorakit.core.config import ImproveConfig, TrainConfig
-from lorakit.core.fields import narrow
+from lorakit.core.fields import as_config
 from lorakit.data.sources import demo_path
 from lorakit.models.loading import hardware_supports_bf16
 from lorakit.workflows.demo import demo_settings
@@ -49,7 +49,7 @@ def main() -> None:
         cfg = dataclasses.replace(
             cfg, dataset=str(out / "thin.jsonl"), output_dir=str(student), bf16=hardware_supports_bf16()
         )
-        train(narrow(cfg, TrainConfig))
+        train(as_config(cfg, TrainConfig))
     t1 = time.time()
     server, teacher = demo_teacher.start()
     result = improve(

@@ -6,7 +6,7 @@ Guide's recipe: LoRA on q/k/v/o/gate/up/down, effective batch 16 (4 x 4), 1024-t
 
 from lorakit.core.config import PlanConfig
 from lorakit.planning.memory import GIB
-from lorakit.planning.plan import fit
+from lorakit.planning.plan import fit_to_gpu
 
 MODELS = [("7B", "Qwen2.5-7B"), ("14B", "Qwen2.5-14B"), ("32B", "Qwen2.5-32B")]
 BUDGETS = ["16GB", "24GB", "48GB", "80GB"]
@@ -23,7 +23,7 @@ def cell(model: str, r: int, memory: str) -> str:
         max_seq_length=1024,
         gpu_memory=memory,
     )
-    chosen, plan, _ = fit(cfg)
+    chosen, plan, _ = fit_to_gpu(cfg)
     if chosen is None:
         return "does not fit"
     parts = ["4-bit" if chosen.load_in_4bit else "8-bit" if chosen.load_in_8bit else "bf16"]

@@ -327,13 +327,13 @@ def test_damaged_tokenizer_gguf_checkpoint_and_metrics(tmp_path, adapter, tiny_l
     assert_one_line_error(rc, err, "lorakit-checkpoint.json")
     # A damaged metrics.jsonl (not its last line, which a kill may cut short).
     from lorakit.core.errors import LorakitError
-    from lorakit.training.monitor import read_metrics
+    from lorakit.training.monitor import metrics_rows
 
     (run / "metrics.jsonl").write_text('{"step": 1}\n{broken\n{"step": 2}\n')
     with pytest.raises(LorakitError, match=r"metrics.jsonl:2: not valid JSON"):
-        read_metrics(run)
+        metrics_rows(run)
     (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')
-    assert read_metrics(run) == [{"step": 1}]
+    assert metrics_rows(run) == [{"step": 1}]
 
 
 def test_zero_steps_and_zero_rows_are_refused(tmp_path, adapter, tiny_llama):

@@ -8,7 +8,7 @@ import torch
 
 from lorakit.core.config import PlanConfig, TrainConfig
 from lorakit.planning.memory import GIB, make_plan, weight_bytes
-from lorakit.planning.plan import fit
+from lorakit.planning.plan import fit_to_gpu
 from lorakit.planning.trace import (
     bundled_configs,
     find_bundled,
@@ -263,7 +263,7 @@ def test_fit_lowers_the_rank_before_it_shortens_the_sequence():
     r64_768 = make_plan(PlanConfig(**{**base, **smallest, "max_seq_length": 768})).total_bytes
     budget = (r64_1024 + r32_1024) / 2
     assert r32_1024 < budget < r64_1024 and r64_768 < budget  # both alternatives fit, the original does not
-    chosen, plan, _ = fit(PlanConfig(**base, gpu_memory=f"{budget / GIB:.4f}GiB", fit=True))
+    chosen, plan, _ = fit_to_gpu(PlanConfig(**base, gpu_memory=f"{budget / GIB:.4f}GiB", fit=True))
     assert (chosen.lora_r, chosen.max_seq_length) == (32, 1024) and plan.fits
 
 

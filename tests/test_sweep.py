@@ -7,7 +7,7 @@ import pytest
 from lorakit.core.config import SweepConfig, TrainConfig
 from lorakit.core.errors import LorakitError
 from lorakit.core.fields import resolve
-from lorakit.training.monitor import read_metrics
+from lorakit.training.monitor import metrics_rows
 from lorakit.workflows.sweep import default_space, parse_params, sweep
 
 from .conftest import assemble_rows, write_jsonl
@@ -77,7 +77,7 @@ def test_grid_ranks_the_clearly_best_learning_rate_first(tmp_path, tiny_llama, d
 
     again = train(resolve(TrainConfig, config_file=str(tmp_path / "s" / "best.yaml")))
     evals = [
-        (r["step"], r["eval_loss"]) for r in read_metrics(again) if "eval_loss" in r and not r.get("summary")
+        (r["step"], r["eval_loss"]) for r in metrics_rows(again) if "eval_loss" in r and not r.get("summary")
     ]
     assert [list(e) for e in evals] == [list(e) for e in best.evals]
 
@@ -94,7 +94,7 @@ def test_halving_runs_the_configured_steps_per_rung(tmp_path, tiny_llama, data):
         param=["learning_rate=1e-6,1e-5,1e-4,3e-2"],
     )
     sweep(cfg)
-    steps = sorted(max(r["step"] for r in read_metrics(d)) for d in (tmp_path / "h" / "trials").iterdir())
+    steps = sorted(max(r["step"] for r in metrics_rows(d)) for d in (tmp_path / "h" / "trials").iterdir())
     assert steps == [2, 2, 4, 8]  # 4 configs x 2 steps, the best 2 to 4 steps, the best 1 to 8
     result = json.loads((tmp_path / "h" / "sweep.json").read_text())
     assert result["best"]["overrides"]["learning_rate"] == 3e-2 and result["best"]["status"] == "finished"

@@ -15,7 +15,7 @@ from .fields import (
     POSITIVE,
     SHARD_SIZE,
     Check,
-    Checked,
+    CheckedConfig,
     above,
     between,
     opt,
@@ -36,7 +36,7 @@ def size_band(n_rows: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 @dataclass
-class ModelArgs(Checked):
+class ModelArgs(CheckedConfig):
     base_model: str = opt(
         "",
         "Hub id, local HF model directory or .gguf file ('' = the embedded SmolLM2-135M-Instruct).",
@@ -49,7 +49,7 @@ class ModelArgs(Checked):
 
 
 @dataclass
-class PromptArgs(Checked):
+class PromptArgs(CheckedConfig):
     system_prompt: str | None = opt(
         None,
         "System message before every conversation; a row's own system field wins. Unset: none in "
@@ -58,7 +58,7 @@ class PromptArgs(Checked):
 
 
 @dataclass
-class DataArgs(Checked):
+class DataArgs(CheckedConfig):
     dataset: str = opt(
         "",
         "JSONL/JSON file, directory, glob or HF datasets id ('' = the bundled demo data).",
@@ -428,12 +428,12 @@ class DataConvertConfig(DataArgs, PromptArgs):
 
 
 @dataclass
-class DataCacheConfig(Checked):
+class DataCacheConfig(CheckedConfig):
     clear: bool = opt(False, "Remove every cached encoding (they are made again when needed).")
 
 
 @dataclass
-class SamplingArgs(Checked):
+class SamplingArgs(CheckedConfig):
     """How a served model samples unless a request says otherwise: the guide's serving values, one
     default for `serve` and the exported Modelfile (`generate` and `chat` are greedy: GreedyArgs)."""
 
@@ -458,7 +458,7 @@ class GreedyArgs(SamplingArgs):
 
 
 @dataclass
-class AdapterArgs(Checked):
+class AdapterArgs(CheckedConfig):
     adapter: str = opt(
         "", "Adapter directory written by `lorakit train` (its base and chat template are used)."
     )
@@ -524,7 +524,7 @@ class ChatConfig(ModelArgs, PromptArgs, GreedyArgs, AdapterArgs):
 
 
 @dataclass
-class ListenArgs(Checked):
+class ListenArgs(CheckedConfig):
     """Where a local web server listens and who may talk to it (lorakit.access has the rules)."""
 
     host: str = opt("127.0.0.1", "Address to bind (127.0.0.1 = this machine only).")
@@ -594,7 +594,7 @@ class DemoConfig(TrainConfig):
 
 
 @dataclass
-class TeacherArgs(Checked):
+class TeacherArgs(CheckedConfig):
     teacher_url: str = opt(
         "", "Base URL of the teacher's OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 (required)."
     )

@@ -112,14 +112,14 @@ def field_names(cls: type, **policy: bool) -> set[str]:
     }
 
 
-def narrow(cfg: Any, cls: type, **overrides: Any) -> Any:
+def as_config(cfg: Any, cls: type, **overrides: Any) -> Any:
     """A `cls` config holding the fields it shares with `cfg` (then `overrides`)."""
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
     return cls(**{**values, **overrides})
 
 
-class Checked:
+class CheckedConfig:
     """Every field's value is checked against its `check` (and choices) whenever a config is
     built: from flags, YAML or Python. Errors name the flag and the valid range."""
 

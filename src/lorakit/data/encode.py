@@ -16,7 +16,7 @@ from ..core.files import say, world_size
 from ..core.labels import IGNORE_INDEX
 from .formats import DataReport, Sample, iter_samples, to_samples
 from .sources import demo_path, iter_rows, resolve_sources
-from .split import Seen, iter_unique, split_validation, validation_indices
+from .split import SeenSamples, iter_unique, split_validation, validation_indices
 from .template import ChatFormat
 
 ENCODE_CHUNK = 1024  # conversations tokenized per batched call
@@ -162,7 +162,7 @@ def load_samples(cfg) -> Samples:
     """Read, validate, de-duplicate and split the data of a config with DataArgs and PromptArgs
     (in memory: for the encoded dataset of a run, see encode_data)."""
     report = DataReport()
-    seen = Seen()
+    seen = SeenSamples()
     samples = list(iter_unique(_config_samples(cfg, cfg.dataset, report), seen, report))
     if cfg.val_dataset:
         val = list(_val_samples(cfg, seen, report))
@@ -174,7 +174,7 @@ def load_samples(cfg) -> Samples:
 def count_samples(cfg) -> int:
     """How many training rows load_samples(cfg) would give, read as a stream (bounded memory)."""
     report = DataReport()
-    seen = Seen()
+    seen = SeenSamples()
     n = sum(1 for _ in iter_unique(_config_samples(cfg, cfg.dataset, report), seen, report))
     if cfg.val_dataset:
         return n
@@ -186,11 +186,13 @@ def _config_samples(cfg, dataset: str, report: DataReport, progress=None) -> Ite
     return iter_samples(rows, cfg.dataset_format, cfg.system_prompt or "", cfg.skip_bad_rows, report)
 
 
-def _val_samples(cfg, train_seen: Seen, report: DataReport, progress=None) -> Iterator[Sample]:
+def _val_samples(cfg, train_seen: SeenSamples, report: DataReport, progress=None) -> Iterator[Sample]:
     """The --val_dataset samples, de-duplicated, without those also in the training data (a
     validation row seen in training measures nothing), counted in report.val_leaks_removed."""
     val_report = DataReport()
-    for s in iter_unique(_config_samples(cfg, cfg.val_dataset, val_report, progress), Seen(), val_report):
+    for s in iter_unique(
+        _config_samples(cfg, cfg.val_dataset, val_report, progress), SeenSamples(), val_report
+    ):
         if s in train_seen:
             report.val_leaks_removed += 1
         else:
@@ -435,7 +437,7 @@ def _encode_into_cache(cfg, chat: ChatFormat, key: str, max_seq_length: int, tra
     from . import cache as datacache
 
     report = DataReport(chatml_fallback=chat.fallback)
-    seen = Seen()
+    seen = SeenSamples()
     size = sum(f.stat().st_size for f in files if isinstance(f, Path))
     progress = Progress(size, f"encoding {cfg.dataset or 'demo'}")
     encoder = _Encoder(chat, parallel=size >= PARALLEL_MIN_BYTES)

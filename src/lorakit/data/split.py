@@ -8,7 +8,7 @@ from ..core.errors import LorakitError
 from .formats import DataReport, Sample
 
 
-class Seen:
+class SeenSamples:
     """Which samples were seen, by a 16-byte hash of their content: ~100 bytes a row in memory,
     so exact duplicates are found in a million rows without holding the rows."""
 
@@ -27,7 +27,7 @@ class Seen:
         return sample.digest() in self.hashes
 
 
-def iter_unique(samples: Iterable[Sample], seen: Seen, report: DataReport) -> Iterator[Sample]:
+def iter_unique(samples: Iterable[Sample], seen: SeenSamples, report: DataReport) -> Iterator[Sample]:
     """The samples not seen before (the first of each duplicate is kept); the dropped rows are
     listed in report.duplicates and the kept ones counted by format."""
     for s in samples:
@@ -41,7 +41,7 @@ def iter_unique(samples: Iterable[Sample], seen: Seen, report: DataReport) -> It
 def dedupe(samples: list[Sample]) -> tuple[list[Sample], list[str]]:
     """Drop exact duplicates (same messages or text), keeping the first; returns the dropped rows."""
     report = DataReport()
-    kept = list(iter_unique(samples, Seen(), report))
+    kept = list(iter_unique(samples, SeenSamples(), report))
     return kept, report.duplicates
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..core.config import ExportConfig, MergeConfig
 from ..core.errors import LorakitError
-from ..core.fields import narrow
+from ..core.fields import as_config
 from ..core.files import atomic_write_text, say
 from ..models.adapter import Adapter, open_adapter
 from .gguf import write_gguf, write_lora_gguf
@@ -55,7 +55,7 @@ def _merged_dir(cfg: ExportConfig, out: Path) -> Path:
         return merged
     from .merge import merge
 
-    return merge(narrow(cfg, MergeConfig, output_dir=str(merged), overwrite=True))
+    return merge(as_config(cfg, MergeConfig, output_dir=str(merged), overwrite=True))
 
 
 def _is_merge_of(merged: Path, cfg: ExportConfig) -> bool:

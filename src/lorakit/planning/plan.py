@@ -16,7 +16,7 @@ import shlex
 
 from ..core.config import PlanConfig, TrainConfig
 from ..core.errors import LorakitError
-from ..core.fields import narrow
+from ..core.fields import as_config
 from .memory import GIB, GPUS, Plan, budget, make_plan, sequence_lengths
 from .trace import load_model_config
 
@@ -24,7 +24,7 @@ from .trace import load_model_config
 # --fit
 
 
-def fit(cfg: PlanConfig) -> tuple[PlanConfig | None, Plan | None, list[tuple[str, Plan]]]:
+def fit_to_gpu(cfg: PlanConfig) -> tuple[PlanConfig | None, Plan | None, list[tuple[str, Plan]]]:
     """The fastest configuration that fits the budget, searching in this order of preference:
     keep the rank and sequence length; then the fastest of precision/quantization, gradient
     checkpointing and micro-batch (effective batch kept); then a lower rank; only then a shorter
@@ -113,7 +113,7 @@ def train_args(cfg: TrainConfig) -> list[str]:
     return args
 
 
-def train_command(cfg: TrainConfig) -> str:
+def train_command_line(cfg: TrainConfig) -> str:
     """The same as one shell line."""
     return shlex.join(["lorakit", "train", *train_args(cfg)])
 
@@ -136,7 +136,7 @@ def plan(cfg: PlanConfig) -> Plan | None:
         console.print(t)
         return None
     if cfg.fit:
-        chosen, result, tried = fit(cfg)
+        chosen, result, tried = fit_to_gpu(cfg)
         if chosen is None:
             config, source = load_model_config(cfg.base_model, cfg.trust_remote_code)
             lengths = sequence_lengths(cfg)
@@ -165,7 +165,7 @@ def plan(cfg: PlanConfig) -> Plan | None:
                 "to keep them, plan for more memory"
             )
         console.print(f"[bold]fastest configuration that fits[/] ({len(tried)} tried):")
-        console.print(train_command(narrow(chosen, TrainConfig)), soft_wrap=True)
+        console.print(train_command_line(as_config(chosen, TrainConfig)), soft_wrap=True)
         return result
     result = make_plan(cfg)
     _print_plan(console, result)
@@ -217,7 +217,7 @@ def memory_check(cfg: TrainConfig, lengths: list[int], gpu_bytes: int) -> bool:
     from ..core.files import say
 
     try:
-        plan_cfg = narrow(cfg, PlanConfig, gpu_memory=f"{gpu_bytes / GIB:.2f}GiB")
+        plan_cfg = as_config(cfg, PlanConfig, gpu_memory=f"{gpu_bytes / GIB:.2f}GiB")
         lengths_info = (max(lengths), sum(lengths) / len(lengths), len(lengths), "the training data")
         p = make_plan(plan_cfg, lengths=lengths_info)
     except Exception as e:  # the planner must never stop a run it cannot model

@@ -18,7 +18,7 @@ from ..core.runfiles import METRICS
 LOSS_CURVE_FILE = "loss_curve.png"
 
 
-def read_metrics(out: Path) -> list[dict]:
+def metrics_rows(out: Path) -> list[dict]:
     path = out / METRICS
     if not path.is_file():
         return []
@@ -55,7 +55,7 @@ class MetricsLog(TrainerCallback):
             return
         kept = [
             r
-            for r in read_metrics(self.path.parent)
+            for r in metrics_rows(self.path.parent)
             if not r.get("summary") and r.get("step", 0) <= state.global_step
         ]
         if state.global_step == 0:
@@ -82,7 +82,7 @@ class MetricsLog(TrainerCallback):
             f.write(json.dumps(row) + "\n")
 
 
-class Progress(TrainerCallback):
+class ProgressCallback(TrainerCallback):
     """A rich progress bar with loss, learning rate, tokens/s and ETA; one line per log when
     the output is not a terminal (CI logs, files)."""
 
@@ -262,7 +262,7 @@ class LossCurve(TrainerCallback):
 def plot_loss_curve(out: Path) -> Path | None:
     if not is_main_process():
         return None
-    rows = read_metrics(out)
+    rows = metrics_rows(out)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r and not r.get("summary")]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and not r.get("summary")]
     if not train and not evals:

@@ -253,7 +253,7 @@ def _build_trainer(run: Run, batch: Batching, shared: dict, extra: list, stop_at
     from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import PrinterCallback
 
-    from .monitor import LossCurve, Progress
+    from .monitor import LossCurve, ProgressCallback
     from .trainer import LorakitTrainer, NonFiniteGuard, StopAtStep, Timed, training_arguments
 
     cfg = dataclasses.replace(
@@ -264,7 +264,7 @@ def _build_trainer(run: Run, batch: Batching, shared: dict, extra: list, stop_at
     )
     callbacks = {**shared, "guard": NonFiniteGuard(cfg.max_nonfinite_steps)}
     callbacks["pause"] = StopAtStep(stop_at_step) if stop_at_step else None
-    listed = [shared["metrics"], Progress(), shared["health"], shared["signals"], callbacks["guard"]]
+    listed = [shared["metrics"], ProgressCallback(), shared["health"], shared["signals"], callbacks["guard"]]
     listed += [Timed(shared["counter"]), LossCurve(run.out), *extra]
     listed += [callbacks["pause"]] if callbacks["pause"] else []
     if cfg.early_stopping_patience:

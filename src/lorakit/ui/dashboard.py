@@ -68,7 +68,7 @@ class BadRequest(Exception):
 
 
 @dataclass
-class Job:
+class TrainingJob:
     number: int
     output_dir: Path
     log: Path
@@ -103,9 +103,9 @@ class Jobs:
     """`lorakit train` processes started from the page; each writes its output to OUT/train.log."""
 
     def __init__(self):
-        self.jobs: list[Job] = []
+        self.jobs: list[TrainingJob] = []
 
-    def start(self, cfg: TrainConfig) -> Job:
+    def start(self, cfg: TrainConfig) -> TrainingJob:
         from ..planning.plan import train_args
 
         out = Path(cfg.output_dir).expanduser()
@@ -123,11 +123,11 @@ class Jobs:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,  # the run goes on if the dashboard stops
             )
-        job = Job(len(self.jobs) + 1, out, log, command, process)
+        job = TrainingJob(len(self.jobs) + 1, out, log, command, process)
         self.jobs.append(job)
         return job
 
-    def get(self, number: int) -> Job:
+    def get(self, number: int) -> TrainingJob:
         if not 1 <= number <= len(self.jobs):
             raise BadRequest(f"no job {number}", 404)
         return self.jobs[number - 1]
@@ -255,7 +255,7 @@ def configs_from_form(values: dict, root: Path) -> tuple[TrainConfig, PlanConfig
 
 def plan_answer(plan_cfg: PlanConfig, train_cfg: TrainConfig) -> dict:
     from ..planning.memory import GIB, make_plan
-    from ..planning.plan import train_command
+    from ..planning.plan import train_command_line
 
     p = make_plan(plan_cfg)
     return {
@@ -273,7 +273,7 @@ def plan_answer(plan_cfg: PlanConfig, train_cfg: TrainConfig) -> dict:
         "batch": f"{p.batch_size} x {p.seq_len} tokens ({p.seq_len_source})",
         "tokens_per_second": round(p.tokens_per_second) if p.tokens_per_second else None,
         "epoch_minutes": round(p.epoch_seconds / 60, 1) if p.epoch_seconds else None,
-        "command": train_command(train_cfg),
+        "command": train_command_line(train_cfg),
     }
 
 

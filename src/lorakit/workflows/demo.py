@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..core.config import DemoConfig, EvalConfig, ExportConfig, TrainConfig
-from ..core.fields import narrow, read_yaml
+from ..core.fields import as_config, read_yaml
 from ..core.files import say
 
 
@@ -25,7 +25,7 @@ def demo(cfg: DemoConfig) -> Path:
     if not (cfg.fp16 or cfg.bf16) and hardware_supports_bf16():
         cfg = dataclasses.replace(cfg, bf16=True)
     t0 = time.perf_counter()
-    out = train(narrow(cfg, TrainConfig))
+    out = train(as_config(cfg, TrainConfig))
     t1 = time.perf_counter()
     # Base vs tuned on held-out rows whose operands training never saw (greedy decoding).
     report = evaluate(

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..core.config import EvalConfig, ImproveConfig, SynthConfig, TrainConfig
 from ..core.errors import LorakitError
-from ..core.fields import narrow, write_yaml
+from ..core.fields import as_config, write_yaml
 from ..core.files import atomic_write_json, atomic_write_text, say
 from ..core.runfiles import FAILURES
 
@@ -40,7 +40,7 @@ class OutOfTime(Exception):
     """--max_minutes reached before a step could start."""
 
 
-class Steps:
+class RoundSteps:
     """Finished steps and their results (markers on disk), and the time budget they spent."""
 
     def __init__(self, out: Path, max_minutes: float):
@@ -81,7 +81,7 @@ def improve(cfg: ImproveConfig) -> Path:
     out = Path(cfg.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(cfg, out)
-    steps = Steps(out, cfg.max_minutes)
+    steps = RoundSteps(out, cfg.max_minutes)
     rounds: list[dict] = []
     try:
         before = steps.run(out / "round-0", "eval", lambda: _eval(cfg, cfg.adapter, out / "round-0" / "eval"))
@@ -109,7 +109,7 @@ def improve(cfg: ImproveConfig) -> Path:
 
 
 def _round(
-    cfg: ImproveConfig, steps: Steps, out: Path, k: int, adapter: str, before: dict, rounds: list
+    cfg: ImproveConfig, steps: RoundSteps, out: Path, k: int, adapter: str, before: dict, rounds: list
 ) -> dict:
     rd = out / f"round-{k}"
     result = {"round": k, "before": before, "after": None, "adapter": None, "stop": ""}
@@ -149,7 +149,7 @@ def _synth_fields(cfg: ImproveConfig) -> dict:
 
 
 def _synth(
-    cfg: ImproveConfig, steps: Steps, failures: Path, out: Path, tokens_before: int, dataset: str
+    cfg: ImproveConfig, steps: RoundSteps, failures: Path, out: Path, tokens_before: int, dataset: str
 ) -> dict:
     from .synth import run_synth
 
@@ -210,7 +210,7 @@ def _train(cfg: ImproveConfig, rd: Path, dataset: str, adapter: str) -> dict:
     )
     start = [StartFromAdapter(adapter)] if cfg.retrain == "continue" and not resuming else []
     say(f"lorakit: improve: {rd.name}: training on {dataset} ({'resuming' if resuming else cfg.retrain})")
-    return {"adapter": str(train(narrow(train_cfg, TrainConfig), callbacks=start))}
+    return {"adapter": str(train(as_config(train_cfg, TrainConfig), callbacks=start))}
 
 
 def _eval(cfg: ImproveConfig, adapter: str, out: Path) -> dict:
@@ -275,7 +275,7 @@ def _write_round(rd: Path, result: dict) -> None:
     atomic_write_text(rd / "report.md", round_markdown(result))
 
 
-def _finish(cfg: ImproveConfig, out: Path, steps: Steps, rounds: list[dict], stop: str) -> Path:
+def _finish(cfg: ImproveConfig, out: Path, steps: RoundSteps, rounds: list[dict], stop: str) -> Path:
     from .synth import counts_text
 
     start = json.loads(steps.marker(out / "round-0", "eval").read_text())["result"]
@@ -313,7 +313,7 @@ def _finish(cfg: ImproveConfig, out: Path, steps: Steps, rounds: list[dict], sto
         lines.append(
             f"| {r['round']} | {r['synth']['kept']} | {r['synth']['teacher_tokens']} | {faults} | {after} |"
         )
-    lines += ["", f"Best adapter: `{summary['best_adapter']}`. Steps took {seconds:.0f} s in all.", ""]
+    lines += ["", f"Best adapter: `{summary['best_adapter']}`. RoundSteps took {seconds:.0f} s in all.", ""]
     lines += [f"Round reports: `round-{r['round']}/report.md`." for r in rounds[:1]]
     atomic_write_text(out / "improve.md", "\n".join(lines) + "\n")
     say(

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..core.config import PlanConfig, SweepConfig, TrainConfig, size_band
 from ..core.errors import LorakitError
-from ..core.fields import _coerce, field_names, narrow, to_yaml
+from ..core.fields import _coerce, as_config, field_names, to_yaml
 from ..core.files import atomic_write_json, atomic_write_text, say
 from ..core.runfiles import ADAPTER_CONFIG
 
@@ -83,7 +83,7 @@ class Sweep:
         self.cfg = cfg
         self.dir = Path(cfg.output_dir)
         self.started = time.monotonic()
-        base = narrow(cfg, TrainConfig)
+        base = as_config(cfg, TrainConfig)
         if not cfg.val_size and not cfg.val_dataset:
             say("lorakit: sweep: no validation data given; holding out 10% (--val_size 0.1)")
             base = dataclasses.replace(base, val_size=0.1)
@@ -129,7 +129,7 @@ class Sweep:
             return True
         from ..planning.memory import make_plan
 
-        plan = make_plan(narrow(tcfg, PlanConfig, gpu_memory=f"{self.memory / 1024**3:.3f}GiB"))
+        plan = make_plan(as_config(tcfg, PlanConfig, gpu_memory=f"{self.memory / 1024**3:.3f}GiB"))
         return bool(plan.fits)
 
     def over_budget(self) -> bool:
@@ -145,7 +145,7 @@ class Sweep:
         stop_at: int | None = None,
         callbacks: list | None = None,
     ) -> Trial:
-        from ..training.monitor import read_metrics
+        from ..training.monitor import metrics_rows
         from ..training.train import train
 
         tcfg = self.trial_config(overrides, max_steps, eval_steps)
@@ -160,7 +160,7 @@ class Sweep:
             train(tcfg, callbacks=callbacks, stop_at_step=stop_at)
         trial.evals = [
             (r["step"], r["eval_loss"])
-            for r in read_metrics(out)
+            for r in metrics_rows(out)
             if "eval_loss" in r and not r.get("summary")
         ]
         trial.status = "finished" if _finished(out) else "paused"
@@ -360,16 +360,16 @@ def _markdown(strategy: str, names: list[str], ranked: list[Trial], others: list
 
 
 def _finished(out: Path) -> bool:
-    from ..training.monitor import read_metrics
+    from ..training.monitor import metrics_rows
 
-    rows = read_metrics(out)
+    rows = metrics_rows(out)
     return (out / ADAPTER_CONFIG).is_file() and bool(rows) and rows[-1].get("status") == "finished"
 
 
 def _last_step(out: Path) -> int:
-    from ..training.monitor import read_metrics
+    from ..training.monitor import metrics_rows
 
-    return max((r.get("step", 0) for r in read_metrics(out)), default=0)
+    return max((r.get("step", 0) for r in metrics_rows(out)), default=0)
 
 
 def sweep(cfg: SweepConfig) -> Trial:

@@ -45,7 +45,7 @@ from ..core.errors import LorakitError
 from ..core.fields import write_yaml
 from ..core.files import atomic_write_json, atomic_write_text, say
 from ..core.runfiles import EVAL, FAILURES
-from .teacher import Reply, Teacher, parse_samples
+from .teacher import Teacher, TeacherReply, parse_samples
 
 REASONS = ("shape", "invalid", "too_long", "duplicate_eval", "duplicate_train", "duplicate_synth", "verify")
 
@@ -264,7 +264,7 @@ def request(group: Group, cfg: SynthConfig, examples: dict[str, list]) -> list[d
         + "\n".join(failing)
         + ("\n\nRows of its training data, for the format:\n" + "\n".join(training) if training else "")
         + f"\n\nWrite {k} new training samples that teach this kind of prompt: the same task and answer "
-        "format, different values, every output correct. Do not repeat any row above. Reply with a JSON "
+        "format, different values, every output correct. Do not repeat any row above. TeacherReply with a JSON "
         f'array of {k} objects with the keys "instruction", "input" and "output", and nothing else.'
     )
     return [
@@ -278,13 +278,13 @@ def request(group: Group, cfg: SynthConfig, examples: dict[str, list]) -> list[d
 
 def ask(
     teacher: Teacher, group: Group, messages: list[dict], cache: Path, budget_left: int, cfg
-) -> Reply | None:
+) -> TeacherReply | None:
     """The group's reply: the saved one if a run before paid for it, else a new request (saved
     at once). None when the token budget cannot pay for one more request."""
     saved = cache / f"{group.id}.json"
     if saved.is_file():
         try:
-            return Reply.from_json(json.loads(saved.read_text(encoding="utf-8"))["reply"])
+            return TeacherReply.from_json(json.loads(saved.read_text(encoding="utf-8"))["reply"])
         except (OSError, ValueError, KeyError, TypeError):
             saved.unlink()  # written atomically, so only a hand edit breaks it: ask again
     # Sent only when the budget pays for the prompt (3 characters a token: more tokens than most
@@ -431,7 +431,7 @@ def run_synth(cfg: SynthConfig, deadline: float | None = None, tokens_before: in
 
 
 def _check_reply(
-    reply: Reply, group: Group, gr: GroupReport, check: Checker, kept: list, rejected: list
+    reply: TeacherReply, group: Group, gr: GroupReport, check: Checker, kept: list, rejected: list
 ) -> None:
     if reply.text is None:
         gr.status = f"failed: {reply.faults[-1] if reply.faults else 'no answer'}"

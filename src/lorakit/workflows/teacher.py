@@ -24,7 +24,7 @@ REFUSAL = re.compile(r"\b(I can(?:no|')t|I'm sorry|I am sorry|I won't|unable to 
 
 
 @dataclass
-class Reply:
+class TeacherReply:
     """One group's answer: the text (None when every try failed), tokens paid, faults met."""
 
     text: str | None
@@ -43,7 +43,7 @@ class Reply:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> Reply:
+    def from_json(cls, d: dict) -> TeacherReply:
         return cls(
             d.get("text"),
             int(d.get("tokens", 0)),
@@ -73,21 +73,21 @@ class Teacher:
             base_url=cfg.teacher_url, api_key=key or "none", timeout=cfg.teacher_timeout, max_retries=0
         )
 
-    def ask(self, messages: list[dict], max_tokens: int) -> Reply:
+    def ask(self, messages: list[dict], max_tokens: int) -> TeacherReply:
         """One request, retried on transport faults; never raises for a teacher fault (only for
         a refused key or an unknown URL/model, which no retry mends)."""
         faults: list[str] = []
         for attempt in range(self.cfg.teacher_retries + 1):
             fault, wait = self._try(messages, max_tokens)
-            if isinstance(fault, Reply):
+            if isinstance(fault, TeacherReply):
                 fault.faults[:0] = faults
                 return fault
             faults.append(fault)
             if attempt < self.cfg.teacher_retries:
                 self.sleep(wait if wait is not None else self.cfg.teacher_backoff * 2**attempt)
-        return Reply(None, 0, faults)
+        return TeacherReply(None, 0, faults)
 
-    def _try(self, messages: list[dict], max_tokens: int) -> tuple[Reply | str, float | None]:
+    def _try(self, messages: list[dict], max_tokens: int) -> tuple[TeacherReply | str, float | None]:
         openai = self.openai
         try:
             response = self.client.chat.completions.create(
@@ -119,7 +119,7 @@ class Teacher:
         return _reply(response, messages), None
 
 
-def _reply(response: Any, messages: list[dict]) -> Reply:
+def _reply(response: Any, messages: list[dict]) -> TeacherReply:
     choices = getattr(response, "choices", None) or []
     message = choices[0].message if choices else None
     text = (getattr(message, "content", None) or "") if message is not None else ""
@@ -129,7 +129,7 @@ def _reply(response: Any, messages: list[dict]) -> Reply:
     estimated = tokens == 0
     if estimated:  # an endpoint that reports no usage: ~4 characters per token
         tokens = (sum(len(m["content"]) for m in messages) + len(text)) // 4 + 1
-    reply = Reply(text, tokens, [], (choices[0].finish_reason or "") if choices else "", estimated)
+    reply = TeacherReply(text, tokens, [], (choices[0].finish_reason or "") if choices else "", estimated)
     if refusal and not text:
         reply.text, reply.faults = refusal, ["refusal"]
     return reply
