@@ -62,10 +62,19 @@ POSITIVE = at_least(1)
 NON_NEGATIVE = at_least(0)
 PORT = between(1, 65535)
 NONEMPTY = Check(lambda v: len(v) > 0, "at least one value")
-SIZE = Check(
-    lambda v: bool(re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*(gib|gb|g|mib|mb|m)?\s*", v.lower())),
-    "a size such as 16GB or 24GiB",
-)
+
+
+def memory_bytes(text: str) -> int | None:
+    """A memory size as people write it (16GB, 24GiB, 16, 512MB) in bytes, or None. GPU memory is
+    sold in binary gigabytes ("16 GB" cards have 16 GiB), so GB is read as GiB; no unit = GB."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m)?\s*", text.lower())
+    if not m:
+        return None
+    unit = m.group(2) or "gb"
+    return int(float(m.group(1)) * (1024**3 if unit.startswith("g") else 1024**2))
+
+
+SIZE = Check(lambda v: memory_bytes(v) is not None, "a size such as 16GB or 24GiB")
 # What transformers' save_pretrained(max_shard_size=) reads: an integer and a unit.
 SHARD_SIZE = Check(
     lambda v: bool(re.fullmatch(r"\s*[0-9]+\s*[kmg]i?b\s*", v.lower())), "a size such as 2GB or 500MB"

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 from ..core.config import PlanConfig, TrainConfig
 from ..core.errors import LorakitError
+from ..core.fields import memory_bytes
 from .trace import _cached, _lora_key, load_model_config, meta_peft_model, traced_peak
 
 GIB = 1024**3
@@ -62,7 +63,6 @@ DEVICE_NAMES = (
 
 def gpu_key(device_name: str) -> str | None:
     """The GPUS key of a CUDA device name, or None for a card not in the table."""
-    import re
 
     return next((key for pattern, key in DEVICE_NAMES if re.search(pattern, device_name)), None)
 
@@ -262,12 +262,10 @@ def _sharding(cfg: PlanConfig, memory: Memory, layers: int, dtype_bytes: int, ba
 
 
 def parse_memory(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*(gib|gb|g|mib|mb|m)?\s*", text.lower())
-    if not m:
+    size = memory_bytes(text)
+    if size is None:
         raise LorakitError(f"--gpu_memory {text!r}: write a size such as 16GB or 24GiB")
-    value, unit = float(m.group(1)), m.group(2) or "gb"
-    # GPU memory is sold in binary gigabytes ("16 GB" cards have 16 GiB): GB is read as GiB.
-    return int(value * (GIB if unit.startswith("g") else 1024**2))
+    return size
 
 
 def budget(cfg: PlanConfig) -> tuple[str, int | None, float | None]:
