@@ -32,7 +32,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .decoding import Sampling, TextStream, sample
-from .kvcache import PackedLinears, PrefixCache
+from .kvcache import (
+    BatchCache,
+    PackedLinears,
+    PrefixCache,
+    cache_layers,
+    dynamic_cache,
+    left_pad_join,
+    slice_layers,
+)
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -84,7 +92,7 @@ class Job:
 
 
 class Row:
-    """One choice being generated."""
+    """One choice being generated: its text, its own generator, and when it ends."""
 
     def __init__(self, job: Job, index: int, tokenizer, kv, length: int, device):
         import torch
@@ -104,6 +112,149 @@ class Row:
         self.length = length  # real (non-pad) tokens in its cache
         self.next_token: int | None = None
         self.reason: str | None = None  # set when it has finished
+
+    def advance(self, logits, stop_ids: set[int]) -> None:
+        """Sample the next token from this row's logits [vocab] and record it; end the row on a
+        stop token, a stop string or max_tokens."""
+        token = sample(logits, self.job.sampling, self.generator)
+        self.count += 1
+        if token in stop_ids:
+            self._finish("stop", self.text.flush())
+            return
+        delta, hit = self.text.push(token)
+        if hit:
+            self._finish("stop", delta)
+        elif self.count >= self.job.sampling.max_tokens:
+            self._finish("length", delta + self.text.flush())
+        else:
+            if delta:
+                self.job.on_event(Event("text", self.index, delta))
+            self.next_token = token
+
+    def _finish(self, reason: str, delta: str) -> None:
+        self.reason = reason
+        self.job.completion_tokens += self.count
+        if self.job.cancelled:
+            return
+        if delta:
+            self.job.on_event(Event("text", self.index, delta))
+        self.job.on_event(Event("finish", self.index, reason=reason))
+
+
+class Scheduler:
+    """The jobs waiting for rows, first come first served: which of them join the batch, and
+    which of those are prefilled together. The engine holds its lock around every call."""
+
+    def __init__(self, max_rows: int, max_queued: int, prefill_tokens: int):
+        self.max_rows, self.max_queued, self.prefill_tokens = max_rows, max_queued, prefill_tokens
+        self.queue: collections.deque[Job] = collections.deque()
+
+    def add(self, job: Job) -> None:
+        if len(self.queue) >= self.max_queued:
+            raise Busy(f"{len(self.queue)} requests already wait for a place; retry shortly")
+        self.queue.append(job)
+
+    def take(self, running: int) -> tuple[list[Job], list[Job]]:
+        """(the cancelled jobs, now out of the queue; the jobs at its head whose rows fit beside
+        `running` rows)."""
+        dropped = [job for job in self.queue if job.cancelled]
+        self.queue = collections.deque(job for job in self.queue if not job.cancelled)
+        joining = []
+        room = self.max_rows - running
+        while self.queue and self.queue[0].n <= room:
+            job = self.queue.popleft()
+            room -= job.n
+            joining.append(job)
+        return dropped, joining
+
+    def drain(self) -> list[Job]:
+        """Every waiting job, the queue emptied."""
+        waiting, self.queue = list(self.queue), collections.deque()
+        return waiting
+
+    def prefill_groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """Jobs prefilled together, at most `prefill_tokens` padded prompt tokens per forward pass."""
+        groups: list[list[Job]] = []
+        for job in jobs:
+            if groups:
+                wide = max(len(j.prompt) for j in [*groups[-1], job])
+                if wide * (len(groups[-1]) + 1) <= self.prefill_tokens:
+                    groups[-1].append(job)
+                    continue
+            groups.append([job])
+        return groups
+
+
+class Forward:
+    """One forward pass of the model over rows that each name their adapter."""
+
+    def __init__(self, model, peft: bool):
+        self.model, self.peft = model, peft
+        base = model.get_base_model() if peft else model
+        params = inspect.signature(base.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        self.keeps_logits = "logits_to_keep" in params
+
+    def __call__(self, ids, mask, positions, cache, adapters: list[str], last: list[int] | None = None):
+        """Logits [rows, vocab] at each row's position `last` (default: the final column)."""
+        import torch
+
+        kwargs = {"adapter_names": adapters} if self.peft else {}
+        kwargs[self.cache_kwarg] = cache
+        columns = sorted(set(last)) if last is not None else [ids.shape[1] - 1]
+        if self.keeps_logits:
+            # Logits of the needed positions only: a prefill would otherwise multiply every prompt
+            # position by the vocabulary matrix (for SmolLM2 as much work as the rest of the model).
+            kwargs["logits_to_keep"] = torch.tensor(columns, device=ids.device) if last is not None else 1
+        else:
+            columns = list(range(ids.shape[1]))
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        if last is None:
+            return out.logits[:, -1, :].float()
+        picked = torch.tensor([columns.index(c) for c in last], device=ids.device)
+        return out.logits[torch.arange(len(last), device=ids.device), picked].float()
+
+
+class Prefill:
+    """New prompts through the model together, the cached part of each skipped (PrefixCache)."""
+
+    def __init__(self, forward: Forward, prefixes: PrefixCache, stop_ids: set[int]):
+        self.forward, self.prefixes, self.stop_ids = forward, prefixes, stop_ids
+
+    def __call__(self, jobs: list[Job]) -> list[tuple[list, object]]:
+        """One forward pass over the prompts' uncached tokens. Returns, per job, its own cache
+        (padding cut off) and the logits at its last prompt token.
+
+        Row i's cached first n_i tokens sit left-padded in the cache ([rows, kv_heads, head, dim],
+        head = max n_i) and its remaining tokens follow, right-padded: a prompt token never sees
+        padding that comes after it and always sees itself, so no query row is fully masked."""
+        import torch
+
+        device = self.forward.model.device
+        cached = [self.prefixes.lookup(j.adapter, j.prompt) for j in jobs]
+        done = [n for _, n in cached]
+        rest = [j.prompt[n:] for j, n in zip(jobs, done)]
+        head, wide = max(done), max(len(r) for r in rest)
+        pad = next(iter(self.stop_ids))  # any id: padded positions are masked and then cut off
+        ids = torch.tensor([r + [pad] * (wide - len(r)) for r in rest], device=device)
+        mask = torch.tensor(
+            [[0] * (head - n) + [1] * (n + len(r)) + [0] * (wide - len(r)) for n, r in zip(done, rest)],
+            device=device,
+        )
+        positions = torch.tensor(done, device=device)[:, None] + torch.arange(wide, device=device)[None]
+        # the cached prefixes, left-padded to `head` columns (a row with none is all padding there)
+        cache = dynamic_cache(left_pad_join(cached, head) if head else None)
+        logits = self.forward(
+            ids, mask, positions, cache, [j.adapter for j in jobs], [len(r) - 1 for r in rest]
+        )
+        layers = cache_layers(cache)
+        out = []
+        for i, (job, n) in enumerate(zip(jobs, done)):
+            span = slice(head - n, head + len(rest[i]))  # the row's prompt, padding cut off
+            kv = slice_layers(layers, slice(i, i + 1), span)
+            self.prefixes.add(job.adapter, job.prompt, kv)
+            out.append((kv, logits[i]))
+        return out
 
 
 class BatchEngine:
@@ -132,16 +283,13 @@ class BatchEngine:
         # a 2-row step computes all of them, which 8 rows keep cheap (1 thread, SmolLM2-135M: 4- and
         # 8-row steps took 101 and 107 ms unpacked, as weights stream from memory) and more may not.
         self.packed = PackedLinears(model, min(packed_rows, max_rows), packed_bytes)
-        base = model.get_base_model() if peft else model
-        params = inspect.signature(base.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
-        self._keeps_logits = "logits_to_keep" in params
+        self.forward = Forward(model, peft)
+        self.prefill = Prefill(self.forward, self.prefixes, self.stop_ids)
+        self.scheduler = Scheduler(max_rows, max_queued, prefill_tokens)
+        self.cache = BatchCache()  # the rows' keys and values, left-padded to one width
         self.steps = 0  # decode steps run so far
-        self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._rows: list[Row] = []
-        self._cache = None  # DynamicCache of the batch, rows left-padded to one width
-        self._mask = None  # [rows, width] 1 = real token, 0 = padding
         self._working = False
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
@@ -154,9 +302,7 @@ class BatchEngine:
         with self._cv:
             if self._closing:
                 raise Busy("the server is shutting down", closing=True)
-            if len(self._queue) >= self.max_queued:
-                raise Busy(f"{len(self._queue)} requests already wait for a place; retry shortly")
-            self._queue.append(job)
+            self.scheduler.add(job)
             self._cv.notify()
 
     def status(self) -> dict:
@@ -164,7 +310,7 @@ class BatchEngine:
             return {
                 "rows": len(self._rows),
                 "requests": len({id(r.job) for r in self._rows}),
-                "queued": len(self._queue),
+                "queued": len(self.scheduler.queue),
                 "generating": self._working or bool(self._rows),
                 "decode_steps": self.steps,
                 "max_rows": self.max_rows,
@@ -187,18 +333,11 @@ class BatchEngine:
             torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread
         while True:
             with self._cv:
-                while not self._closing and not self._queue and not self._rows:
+                while not self._closing and not self.scheduler.queue and not self._rows:
                     self._cv.wait()
                 if self._closing:
                     break
-                dropped = [job for job in self._queue if job.cancelled]
-                self._queue = collections.deque(job for job in self._queue if not job.cancelled)
-                joining = []
-                room = self.max_rows - len(self._rows)
-                while self._queue and self._queue[0].n <= room:
-                    job = self._queue.popleft()
-                    room -= job.n
-                    joining.append(job)
+                dropped, joining = self.scheduler.take(len(self._rows))
                 self._working = True
             for job in dropped:
                 self._job_over(job, job.n)
@@ -216,25 +355,6 @@ class BatchEngine:
                     self._working = False
         self._shut_down()
 
-    def _forward(self, ids, mask, positions, cache, adapters: list[str], last: list[int] | None = None):
-        """Logits [rows, vocab] at each row's position `last` (default: the final column)."""
-        import torch
-
-        kwargs = {"adapter_names": adapters} if self.peft else {}
-        kwargs[self._cache_kwarg] = cache
-        columns = sorted(set(last)) if last is not None else [ids.shape[1] - 1]
-        if self._keeps_logits:
-            # Logits of the needed positions only: a prefill would otherwise multiply every prompt
-            # position by the vocabulary matrix (for SmolLM2 as much work as the rest of the model).
-            kwargs["logits_to_keep"] = torch.tensor(columns, device=ids.device) if last is not None else 1
-        else:
-            columns = list(range(ids.shape[1]))
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
-        if last is None:
-            return out.logits[:, -1, :].float()
-        picked = torch.tensor([columns.index(c) for c in last], device=ids.device)
-        return out.logits[torch.arange(len(last), device=ids.device), picked].float()
-
     def _admit(self, jobs: list[Job]) -> None:
         """Prefill the new jobs, take each one's first token, and join their rows to the batch."""
         live = [job for job in jobs if not job.cancelled]
@@ -242,9 +362,9 @@ class BatchEngine:
             if job.cancelled:
                 self._job_over(job, job.n)
         new_rows = []
-        for group in self._prefill_groups(live):
+        for group in self.scheduler.prefill_groups(live):
             try:
-                prefilled = self._prefill(group)
+                prefilled = self.prefill(group)
             except Exception as e:
                 traceback.print_exc(file=sys.stderr)
                 for job in group:
@@ -254,112 +374,17 @@ class BatchEngine:
             for job, (kv, logits) in zip(group, prefilled):
                 for index in range(job.n):
                     row = Row(job, index, self.tokenizer, kv, len(job.prompt), self.model.device)
-                    self._accept(row, sample(logits, job.sampling, row.generator))
+                    row.advance(logits, self.stop_ids)
                     if row.reason is None:
                         new_rows.append(row)
                     else:
                         self._job_over(job, 1)
         if new_rows:
-            self._join(new_rows)
-
-    def _prefill_groups(self, jobs: list[Job]) -> list[list[Job]]:
-        """Jobs prefilled together, at most `prefill_tokens` padded prompt tokens per forward pass."""
-        groups: list[list[Job]] = []
-        for job in jobs:
-            if groups:
-                wide = max(len(j.prompt) for j in [*groups[-1], job])
-                if wide * (len(groups[-1]) + 1) <= self.prefill_tokens:
-                    groups[-1].append(job)
-                    continue
-            groups.append([job])
-        return groups
-
-    def _prefill(self, jobs: list[Job]) -> list[tuple[list, object]]:
-        """One forward pass over the prompts' uncached tokens. Returns, per job, its own cache
-        (padding cut off) and the logits at its last prompt token.
-
-        Row i's cached first n_i tokens sit left-padded in the cache ([rows, kv_heads, head, dim],
-        head = max n_i) and its remaining tokens follow, right-padded: a prompt token never sees
-        padding that comes after it and always sees itself, so no query row is fully masked."""
-        import torch
-        from transformers import DynamicCache
-
-        device = self.model.device
-        cached = [self.prefixes.lookup(j.adapter, j.prompt) for j in jobs]
-        done = [n for _, n in cached]
-        rest = [j.prompt[n:] for j, n in zip(jobs, done)]
-        head, wide = max(done), max(len(r) for r in rest)
-        pad = next(iter(self.stop_ids))  # any id: padded positions are masked and then cut off
-        ids = torch.tensor([r + [pad] * (wide - len(r)) for r in rest], device=device)
-        mask = torch.tensor(
-            [[0] * (head - n) + [1] * (n + len(r)) + [0] * (wide - len(r)) for n, r in zip(done, rest)],
-            device=device,
-        )
-        positions = torch.tensor(done, device=device)[:, None] + torch.arange(wide, device=device)[None]
-        cache = self._prefix_batch(cached, head) if head else DynamicCache()
-        logits = self._forward(
-            ids, mask, positions, cache, [j.adapter for j in jobs], [len(r) - 1 for r in rest]
-        )
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        out = []
-        for i, (job, n) in enumerate(zip(jobs, done)):
-            span = slice(head - n, head + len(rest[i]))  # the row's prompt, padding cut off
-            kv = [(k[i : i + 1, :, span], v[i : i + 1, :, span]) for k, v in layers]
-            self.prefixes.add(job.adapter, job.prompt, kv)
-            out.append((kv, logits[i]))
-        return out
-
-    @staticmethod
-    def _prefix_batch(cached: list[tuple[list | None, int]], head: int):
-        """A DynamicCache of the rows' cached prefixes, left-padded to `head` columns (a row with
-        no cached prefix is all padding)."""
-        import torch
-        import torch.nn.functional as F
-        from transformers import DynamicCache
-
-        shape = next(kv for kv, _ in cached if kv is not None)
-        layers = []
-        for i, (k0, v0) in enumerate(shape):
-            keys, values = [], []
-            for kv, n in cached:
-                if kv is None:
-                    keys.append(k0.new_zeros((*k0.shape[:2], head, k0.shape[-1])))
-                    values.append(v0.new_zeros((*v0.shape[:2], head, v0.shape[-1])))
-                else:
-                    keys.append(F.pad(kv[i][0], (0, 0, head - n, 0)))
-                    values.append(F.pad(kv[i][1], (0, 0, head - n, 0)))
-            layers.append((torch.cat(keys), torch.cat(values)))
-        return DynamicCache(ddp_cache_data=layers)
-
-    def _join(self, new_rows: list[Row]) -> None:
-        import torch
-        import torch.nn.functional as F
-        from transformers import DynamicCache
-
-        width = self._mask.shape[1] if self._rows else 0
-        wide = max([width, *(r.length for r in new_rows)])
-        old = [(layer.keys, layer.values) for layer in self._cache.layers] if self._rows else None
-        layers = []
-        for i in range(len(new_rows[0].kv)):
-            keys, values = [], []
-            if old:
-                keys.append(F.pad(old[i][0], (0, 0, wide - width, 0)))
-                values.append(F.pad(old[i][1], (0, 0, wide - width, 0)))
+            self.cache.join([(r.kv, r.length) for r in new_rows], self.model.device)
             for r in new_rows:
-                keys.append(F.pad(r.kv[i][0], (0, 0, wide - r.length, 0)))
-                values.append(F.pad(r.kv[i][1], (0, 0, wide - r.length, 0)))
-            layers.append((torch.cat(keys), torch.cat(values)))
-        device = self.model.device
-        masks = [F.pad(self._mask, (wide - width, 0))] if self._rows else []
-        masks += [
-            F.pad(torch.ones((1, r.length), dtype=torch.long, device=device), (wide - r.length, 0))
-            for r in new_rows
-        ]
-        for r in new_rows:
-            r.kv = None
-        self._cache, self._mask = DynamicCache(ddp_cache_data=layers), torch.cat(masks)
-        with self._cv:
-            self._rows = self._rows + new_rows
+                r.kv = None
+            with self._cv:
+                self._rows = self._rows + new_rows
 
     def _step(self) -> None:
         """One decode step: every row's last token in, every row's next token out."""
@@ -369,42 +394,18 @@ class BatchEngine:
         rows = self._rows
         ids = torch.tensor([[r.next_token] for r in rows], device=device)
         positions = torch.tensor([[r.length] for r in rows], device=device)
-        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=device)], 1)
+        self.cache.grow()
         self.packed.on = 2 <= len(rows) <= self.packed.rows
         try:
-            logits = self._forward(ids, self._mask, positions, self._cache, [r.job.adapter for r in rows])
+            logits = self.forward(
+                ids, self.cache.mask, positions, self.cache.cache, [r.job.adapter for r in rows]
+            )
         finally:
             self.packed.on = False
         self.steps += 1
         for r, row_logits in zip(rows, logits):
             r.length += 1
-            self._accept(r, sample(row_logits, r.job.sampling, r.generator))
-
-    def _accept(self, row: Row, token: int) -> None:
-        """Record a generated token; end the row on a stop token, a stop string or max_tokens."""
-        row.count += 1
-        job = row.job
-        if token in self.stop_ids:
-            self._finish(row, "stop", row.text.flush())
-            return
-        delta, hit = row.text.push(token)
-        if hit:
-            self._finish(row, "stop", delta)
-        elif row.count >= job.sampling.max_tokens:
-            self._finish(row, "length", delta + row.text.flush())
-        else:
-            if delta:
-                job.on_event(Event("text", row.index, delta))
-            row.next_token = token
-
-    def _finish(self, row: Row, reason: str, delta: str) -> None:
-        row.reason = reason
-        row.job.completion_tokens += row.count
-        if row.job.cancelled:
-            return
-        if delta:
-            row.job.on_event(Event("text", row.index, delta))
-        row.job.on_event(Event("finish", row.index, reason=reason))
+            r.advance(row_logits, self.stop_ids)
 
     def _leave(self) -> None:
         """Drop the rows that finished or whose request was cancelled; trim padding no row needs."""
@@ -416,26 +417,11 @@ class BatchEngine:
         if len(keep) == len(self._rows):
             return
         gone = [r for r in self._rows if r.reason is not None]
-        self._select(keep)
-        for r in gone:
-            self._job_over(r.job, 1)
-
-    def _select(self, keep: list[int]) -> None:
-        import torch
-        from transformers import DynamicCache
-
         with self._cv:
             self._rows = [self._rows[k] for k in keep]
-        if not keep:
-            self._cache = self._mask = None
-            return
-        index = torch.tensor(keep, device=self._mask.device)
-        mask = self._mask[index]
-        first = int(mask.any(0).nonzero()[0])  # columns before it are padding in every row left
-        layers = [
-            (layer.keys[index, :, first:], layer.values[index, :, first:]) for layer in self._cache.layers
-        ]
-        self._cache, self._mask = DynamicCache(ddp_cache_data=layers), mask[:, first:]
+        self.cache.select(keep)
+        for r in gone:
+            self._job_over(r.job, 1)
 
     def _job_over(self, job: Job, rows: int) -> None:
         job._rows_left -= rows
@@ -447,7 +433,7 @@ class BatchEngine:
         jobs = {id(r.job): r.job for r in self._rows}
         with self._cv:
             self._rows = []
-        self._cache = self._mask = None
+        self.cache.clear()
         for job in jobs.values():
             job.on_event(Event("error", text=message))
             job._rows_left = 1
@@ -455,7 +441,7 @@ class BatchEngine:
 
     def _shut_down(self) -> None:
         with self._cv:
-            waiting, self._queue = list(self._queue), collections.deque()
+            waiting = self.scheduler.drain()
         self._fail_batch("the server is shutting down")
         for job in waiting:
             job.on_event(Event("error", text="the server is shutting down"))

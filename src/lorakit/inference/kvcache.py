@@ -1,5 +1,7 @@
-"""Keys and values kept between requests (the prefix cache) and the linear layers packed for
-small decode batches.
+"""Keys and values: the batch's cache surgery (rows left-padded and joined, rows dropped), the
+cache kept between requests (the prefix cache) and the linear layers packed for small decode batches.
+
+A cache here is [(keys, values)] per layer, each [rows, kv_heads, columns, head_dim].
 """
 
 from __future__ import annotations
@@ -11,6 +13,92 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens `a` and `b` share."""
     n = min(len(a), len(b))
     return next((k for k in range(n) if a[k] != b[k]), n)
+
+
+def dynamic_cache(layers: list | None = None):
+    """A transformers DynamicCache holding `layers` (an empty one without)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
+
+
+def cache_layers(cache) -> list:
+    """[(keys, values)] per layer of a DynamicCache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def slice_layers(layers: list, rows, columns) -> list:
+    """The `rows` (a slice or an index tensor) and `columns` (a slice) of every layer."""
+    return [(k[rows, :, columns], v[rows, :, columns]) for k, v in layers]
+
+
+def left_pad_join(parts: list[tuple[list | None, int]], width: int) -> list:
+    """Several caches stacked along the rows, each left-padded to `width` columns. A part is (its
+    layers, how many columns they hold), or (None, 0) for one row with nothing cached (all padding)."""
+    import torch
+    import torch.nn.functional as F
+
+    shape = next(kv for kv, _ in parts if kv is not None)
+    layers = []
+    for i, (k0, v0) in enumerate(shape):
+        keys, values = [], []
+        for kv, n in parts:
+            if kv is None:
+                keys.append(k0.new_zeros((1, k0.shape[1], width, k0.shape[-1])))
+                values.append(v0.new_zeros((1, v0.shape[1], width, v0.shape[-1])))
+            else:
+                keys.append(F.pad(kv[i][0], (0, 0, width - n, 0)))
+                values.append(F.pad(kv[i][1], (0, 0, width - n, 0)))
+        layers.append((torch.cat(keys), torch.cat(values)))
+    return layers
+
+
+class BatchCache:
+    """The running batch's keys and values: a DynamicCache whose rows are left-padded to one width,
+    and its [rows, width] mask (1 = real token, 0 = padding) that hides the padding."""
+
+    def __init__(self):
+        self.cache = None  # None while the batch has no row
+        self.mask = None
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def join(self, parts: list[tuple[list, int]], device) -> None:
+        """Add rows after the batch's own: each part is a row's layers and its length."""
+        import torch
+        import torch.nn.functional as F
+
+        width = self.width
+        wide = max([width, *(n for _, n in parts)])
+        old = [] if self.cache is None else [(cache_layers(self.cache), width)]
+        masks = [] if self.mask is None else [F.pad(self.mask, (wide - width, 0))]
+        masks += [F.pad(torch.ones((1, n), dtype=torch.long, device=device), (wide - n, 0)) for _, n in parts]
+        self.cache, self.mask = dynamic_cache(left_pad_join(old + parts, wide)), torch.cat(masks)
+
+    def grow(self) -> None:
+        """One more real column in every row's mask: the token a decode step feeds in."""
+        import torch
+
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], 1)
+
+    def select(self, keep: list[int]) -> None:
+        """Keep the rows `keep` only; cut the columns that are padding in every row left."""
+        import torch
+
+        if not keep:
+            self.clear()
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        mask = self.mask[index]
+        first = int(mask.any(0).nonzero()[0])  # columns before it are padding in every row left
+        columns = slice(first, None)
+        self.cache = dynamic_cache(slice_layers(cache_layers(self.cache), index, columns))
+        self.mask = mask[:, columns]
+
+    def clear(self) -> None:
+        self.cache = self.mask = None
 
 
 class PrefixCache:
