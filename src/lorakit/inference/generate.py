@@ -178,24 +178,18 @@ def stream_tokens(
 
 
 def stream_text(tokenizer, token_ids, stop: list[int]):
-    """Turn a token stream into text pieces; yields (piece, finished_reason or None).
+    """Turn a token stream into text pieces; yields (piece, finished_reason or None). The pieces
+    are serve's (decoding.TextStream): never inside a multi-byte character, and together exactly
+    the full decode."""
+    from .decoding import TextStream
 
-    Each piece is the new suffix of the decoded text so far; a piece that would end inside a
-    multi-byte character waits for the next token, so the pieces concatenate to the full decode.
-    """
-    ids: list[int] = []
-    emitted = ""
+    text = TextStream(tokenizer, [])
     reason = "length"
     for t in token_ids:
         if t in stop:
             reason = "stop"
             break
-        ids.append(t)
-        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > len(emitted):
-            yield text[len(emitted) :], None
-            emitted = text
-    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    yield text[len(emitted) :], reason
+        piece, _ = text.push(t)
+        if piece:
+            yield piece, None
+    yield text.flush(), reason
