@@ -299,7 +299,7 @@ def _encode_job(job: tuple) -> tuple[list, list]:
                 (start + k, str(result) if str(result).startswith(s.where) else f"{s.where}: {result}")
             )
             continue
-        for j, (ids, labels, merged) in enumerate(result):  # several rows: see ChatFormat._rows
+        for j, (ids, labels, merged) in enumerate(result):  # several rows: see mask.Masker._rows
             within = labels[:max_seq_length]
             over = s.where if len(ids) > max_seq_length else ""
             split = j == 0 and len(result) > 1

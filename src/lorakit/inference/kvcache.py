@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import collections
 
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens `a` and `b` share."""
-    n = min(len(a), len(b))
-    return next((k for k in range(n) if a[k] != b[k]), n)
+from ..core.sequences import common_prefix
 
 
 def dynamic_cache(layers: list | None = None):
