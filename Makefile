@@ -16,7 +16,7 @@ EXTRAS := .[dev,quant]
 
 # llama.cpp's source tree, from the llama-cpp-python source package: its converters and real chat
 # templates (models/templates) are the references of the GGUF and template tests
-# (tests/conftest.py llama_cpp_tree, tests/test_templates.py),
+# (tests/conftest.py llama_cpp_tree, tests/data/test_templates.py),
 # and test-export compiles the same package. Downloaded once into lorakit's cache directory; a
 # LORAKIT_LLAMA_CPP given from outside is used as it is. Only the test targets see it: lorakit's
 # export reads the same variable.
@@ -57,10 +57,10 @@ test-quick: install $(LLAMA_CPP_DIR)/convert_hf_to_gguf.py
 system-deps:
 	@bash scripts/system_deps.sh
 
-# llama.cpp runs every family's GGUF files (tests/test_llama_cpp.py), beside the converter tests.
+# llama.cpp runs every family's GGUF files (tests/export/test_llama_cpp.py), beside the converter tests.
 test-export: install llama-cpp-python $(LLAMA_CPP_DIR)/convert_hf_to_gguf.py
-	LORAKIT_LLAMA_CPP=$(LLAMA_CPP_DIR) $(PY) -m pytest tests/test_llama_cpp.py tests/test_families.py \
-		tests/test_export.py
+	LORAKIT_LLAMA_CPP=$(LLAMA_CPP_DIR) $(PY) -m pytest tests/export/test_llama_cpp.py tests/export/test_families.py \
+		tests/export/test_export.py
 
 $(LLAMA_CPP_SDIST): | $(VENV)/.installed
 	@mkdir -p $(@D)

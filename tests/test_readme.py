@@ -46,7 +46,7 @@ SKIPPED = {
     "make test          #": "development commands: the suite and linter run them",
     "--num_processes 4": "4 processes want 4 GPUs (test_distributed runs the same launch path with 2 CPU processes)",
     "--num_machines 2": "two machines on a network",
-    "scripts/improve_demo.py": "minutes of SmolLM2 training; tests/test_improve.py runs the same loop on a tiny model",
+    "scripts/improve_demo.py": "minutes of SmolLM2 training; tests/workflows/test_improve.py runs the same loop on a tiny model",
 }
 
 

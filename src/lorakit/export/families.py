@@ -9,7 +9,7 @@ branches on no family name.
 
 Read off llama.cpp's converter (conversion/*.py in llama.cpp): what it writes for each family is
 what llama.cpp's loader expects, so every key and transform here has a test that compares
-lorakit's file with the converter's on the same model (tests/test_families.py).
+lorakit's file with the converter's on the same model (tests/export/test_families.py).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from lorakit.data import encode as data_module
 from lorakit.data.encode import encode_data, load_samples
 from lorakit.data.template import ChatFormat
 
-from .conftest import tiny_train_config, write_jsonl
+from ..conftest import tiny_train_config, write_jsonl
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from lorakit.export.merge import merge
 from lorakit.export.targets import vllm_command
 from lorakit.training.train import train
 
-from .conftest import EXPORT_ALL_FILES, assemble_rows, write_jsonl
+from ..conftest import EXPORT_ALL_FILES, assemble_rows, write_jsonl
 
 ROWS = assemble_rows(32)
 

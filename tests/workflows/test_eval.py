@@ -22,7 +22,7 @@ from lorakit.workflows.evaluate import (
     token_f1,
 )
 
-from .conftest import write_jsonl
+from ..conftest import write_jsonl
 
 
 def test_golden_metric_values():

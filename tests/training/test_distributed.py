@@ -15,7 +15,7 @@ from lorakit.core.config import PlanConfig
 from lorakit.training.checkpoints import CHECKPOINT_MARKER
 from lorakit.training.launch import accelerate_config
 
-from .conftest import assemble_rows, write_jsonl
+from ..conftest import assemble_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from lorakit.core.labels import IGNORE_INDEX
 from lorakit.data.template import ChatFormat
 from lorakit.training.batching import Collator
 
-from .conftest import conversations_of
+from ..conftest import conversations_of
 
 SPECIALS = ("<|", "|>", "<repo", "<file", "<issue", "<jupyter", "<empty", "<gh_", "<filename", "<reponame")
 text = st.text(

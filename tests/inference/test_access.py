@@ -25,7 +25,7 @@ import pytest
 from lorakit.core.errors import LorakitError
 from lorakit.inference.access import Access, check_bind, guarded, is_loopback
 
-from .conftest import assemble_rows, css, serve_in_thread, wait, write_jsonl
+from ..conftest import assemble_rows, css, serve_in_thread, wait, write_jsonl
 
 EVIL = "http://evil.example"
 
@@ -207,7 +207,7 @@ def request(url: str, data: bytes | None = None, headers: dict | None = None) ->
 def runs_dir(tmp_path_factory, tiny_llama) -> Path:
     from lorakit.training.train import train
 
-    from .conftest import tiny_train_config
+    from ..conftest import tiny_train_config
 
     root = tmp_path_factory.mktemp("access-runs")
     data = write_jsonl(root.parent / "access-data.jsonl", assemble_rows(8))

@@ -33,7 +33,7 @@ def tiny_cfg(base, data, out, **kw) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_llama):
-    from .conftest import write_jsonl
+    from ..conftest import write_jsonl
 
     tmp = tmp_path_factory.mktemp("run")
     rows = [

@@ -10,7 +10,7 @@ from lorakit.core.fields import resolve
 from lorakit.training.monitor import metrics_rows
 from lorakit.workflows.sweep import default_space, parse_params, sweep
 
-from .conftest import assemble_rows, write_jsonl
+from ..conftest import assemble_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

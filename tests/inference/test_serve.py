@@ -16,7 +16,7 @@ import pytest
 from lorakit.core.config import TrainConfig
 from lorakit.training.train import train
 
-from .conftest import serve_in_thread, write_jsonl
+from ..conftest import serve_in_thread, write_jsonl
 
 openai = pytest.importorskip("openai")
 KEY = "sk-test-key"

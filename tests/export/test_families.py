@@ -23,7 +23,7 @@ import torch
 from lorakit.export.families import llama3_rope_freqs
 from lorakit.export.gguf import write_gguf, write_lora_gguf
 
-from .conftest import (
+from ..conftest import (
     EXPORT_ALL_FILES,
     LLAMA31_ROPE,
     assemble_rows,

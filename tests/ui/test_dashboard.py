@@ -23,7 +23,7 @@ from lorakit.inference.access import Access
 from lorakit.ui import rundir
 from lorakit.ui.dashboard import Dashboard, build_dashboard_app
 
-from .conftest import assemble_rows, css, serve_in_thread, tiny_train_config, wait, write_jsonl
+from ..conftest import assemble_rows, css, serve_in_thread, tiny_train_config, wait, write_jsonl
 
 KEY = "sk-dashboard-test"
 

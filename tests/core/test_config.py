@@ -101,7 +101,7 @@ def test_train_and_merge_print_lorakit_lines_not_library_noise(tmp_path, tiny_ll
     third-party FutureWarning in a normal `lorakit train` and `lorakit merge`."""
     import os
 
-    from .conftest import assemble_rows, write_jsonl
+    from ..conftest import assemble_rows, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", assemble_rows(8))
     env = {k: v for k, v in os.environ.items() if "PROGRESS_BARS" not in k}  # as a user's shell has it
@@ -149,7 +149,7 @@ def test_cli_missing_dataset_exit_2_one_line(tmp_path):
 def test_guide_example_reproduces_the_guide():
     from pathlib import Path
 
-    cfg = resolve(TrainConfig, config_file=str(Path(__file__).parent.parent / "examples" / "guide.yaml"))
+    cfg = resolve(TrainConfig, config_file=str(Path(__file__).parent.parent.parent / "examples" / "guide.yaml"))
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (64, 128, 0.05)
     assert (cfg.batch_size, cfg.gradient_accumulation_steps, cfg.learning_rate, cfg.num_epochs) == (
         4,

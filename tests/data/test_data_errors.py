@@ -8,7 +8,7 @@ import pytest
 
 from lorakit.cli import main
 
-from .conftest import write_jsonl
+from ..conftest import write_jsonl
 
 GOOD = {"instruction": "Assemble.", "input": "NOP", "output": "EA"}
 CHAT_GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}

@@ -8,7 +8,7 @@ model's own tokenizer has them. The checks do not reuse lorakit's rendering: the
 of each turn must decode to the answer as written, wrapped only in template markup and ended by
 a stop token of ChatFormat.stop_ids() (where generation stops); the tokens before each row's last
 answer must be encode_prompt of the conversation before it, whose text is the template's own
-render (tokenizer.apply_chat_template). `python tests/test_templates.py` prints the tally.
+render (tokenizer.apply_chat_template). `python tests/data/test_templates.py` prints the tally.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from lorakit.core.errors import LorakitError
 from lorakit.core.labels import IGNORE_INDEX
 from lorakit.data.template import ChatFormat
 
-from .conftest import conversations_of
+from ..conftest import conversations_of
 
 CORPUS_ENV = "LORAKIT_TEMPLATE_CORPUS"  # a directory of *.jinja templates
 SKIP_ENV = "LORAKIT_ALLOW_NO_TEMPLATES"  # "1": skip (not fail) where the corpus is missing

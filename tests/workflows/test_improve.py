@@ -21,9 +21,9 @@ from lorakit.data.sources import demo_path
 from lorakit.workflows.synth import group_failures, pattern, read_failures, run_synth
 from lorakit.workflows.teacher import parse_samples
 
-from .conftest import tiny_train_config, write_jsonl
+from ..conftest import tiny_train_config, write_jsonl
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parent.parent.parent / "scripts"
 VERIFY = f"{sys.executable} {SCRIPTS / 'verify_demo_sample.py'}"
 
 

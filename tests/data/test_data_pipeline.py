@@ -13,7 +13,7 @@ from lorakit.data.sources import load_rows
 from lorakit.data.split import dedupe, split_validation
 from lorakit.data.template import ChatFormat
 
-from .conftest import write_jsonl
+from ..conftest import write_jsonl
 
 ANSWER = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 SAME_ROW_IN_EACH_FORMAT = {

@@ -223,7 +223,7 @@ def test_fit_and_cli(tmp_path, capsys):
 
 
 def test_plan_uses_dataset_lengths(tmp_path, smol_dir):
-    from .conftest import write_jsonl
+    from ..conftest import write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "x " * n, "output": "y"} for n in (5, 10, 40)])
     p = make_plan(PlanConfig(base_model=str(smol_dir), dataset=str(data), system_prompt="", lora_r=8))
@@ -270,7 +270,7 @@ def test_fit_lowers_the_rank_before_it_shortens_the_sequence():
 def test_fit_says_how_many_rows_a_shorter_sequence_drops(tmp_path, smol_dir, capsys):
     from lorakit.planning.plan import plan
 
-    from .conftest import write_jsonl
+    from ..conftest import write_jsonl
 
     rows = [{"instruction": "x " * n, "output": "y"} for n in (20, 40, 60, 300, 310)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)

@@ -106,7 +106,7 @@ def test_packed_batch_equals_per_row_computation(lora_model, smol_tokenizer, los
 def test_padding_free_training_runs(tmp_path, tiny_llama):
     from lorakit.training.train import train
 
-    from .conftest import write_jsonl
+    from ..conftest import write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(16)])
     out = train(

@@ -15,8 +15,8 @@ from lorakit.core.errors import LorakitError
 from lorakit.training.checkpoints import CHECKPOINT_MARKER, complete_checkpoints
 from lorakit.training.train import train
 
-from .conftest import assemble_rows, inject_oom, write_jsonl
-from .conftest import tiny_train_config as base_cfg
+from ..conftest import assemble_rows, inject_oom, write_jsonl
+from ..conftest import tiny_train_config as base_cfg
 
 
 @pytest.fixture(scope="module")

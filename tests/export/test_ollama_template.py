@@ -21,7 +21,7 @@ import pytest
 from lorakit.data.template import ChatFormat
 from lorakit.export.ollama import ollama_template
 
-from .conftest import GEMMA_STYLE_TEMPLATE, PHI_STYLE_TEMPLATE, llama_cpp_tree
+from ..conftest import GEMMA_STYLE_TEMPLATE, PHI_STYLE_TEMPLATE, llama_cpp_tree
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ import torch
 
 from lorakit.export.gguf import write_gguf, write_lora_gguf
 
-from .conftest import FAMILIES, random_lora_and_merge
+from ..conftest import FAMILIES, random_lora_and_merge
 
 llama_cpp = pytest.importorskip(
     "llama_cpp",

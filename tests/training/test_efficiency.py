@@ -12,8 +12,8 @@ from lorakit.training.batching import MICRO_BATCH_COST, Collator
 from lorakit.training.efficiency import Counter, Shape, useful_flops
 from lorakit.training.train import train
 
-from .conftest import inject_oom, write_jsonl
-from .conftest import tiny_train_config as base_cfg
+from ..conftest import inject_oom, write_jsonl
+from ..conftest import tiny_train_config as base_cfg
 
 
 def varied_rows(n: int) -> list[dict]:
