@@ -8,6 +8,8 @@ from collections.abc import Sequence
 def common_prefix(a: Sequence, b: Sequence) -> int:
     """How many leading items (characters, token ids) `a` and `b` share. Slices compare in C, so a
     binary search over them beats a Python loop on long texts and prompts."""
+    if type(a) is not type(b):  # a tuple and a list of the same ids compare unequal
+        a, b = list(a), list(b)
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
         return n

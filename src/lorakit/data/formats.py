@@ -240,7 +240,7 @@ def to_samples(
 
 
 # --------------------------------------------------------------------------------------------
-# Datasets
+# The data report: what reading, checking and encoding a dataset found
 
 
 @dataclass

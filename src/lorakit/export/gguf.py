@@ -1,5 +1,9 @@
-"""GGUF files written with the gguf library: the merged model (f32/f16/q8_0) and a LoRA adapter,
-with the tokenizer's vocabulary and llama.cpp's architecture keys.
+"""GGUF files of a merged model (f32/f16/q8_0) and of a LoRA adapter.
+
+They are written with the `gguf` package (llama.cpp's own Python library): its tensor-name map and
+quantizers are used as they are. What each architecture needs beyond that (metadata keys, q/k
+layout, norm offsets, RoPE factor tensors) is one record per family in families.py; the
+vocabulary (byte-level BPE or SentencePiece) is written here.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """`lorakit export`: GGUF (model and LoRA adapter), Ollama Modelfile, vLLM command — all with
 the chat template the model was trained with.
 
-GGUF files are written with the `gguf` package (llama.cpp's own Python library): its tensor-name
-map and quantizers are used as they are. What each architecture needs beyond that (metadata keys,
-q/k layout, norm offsets, RoPE factor tensors) is one record per family in families.py; the
-vocabulary (byte-level BPE or SentencePiece) and the Ollama TEMPLATE are written here. For other
-architectures, llama.cpp's own converters run when the user has a llama.cpp tree.
+The files themselves are written by gguf.py (lorakit's writer for the families in families.py)
+and ollama.py (the Go TEMPLATE and the Modelfile); for other architectures, llama.cpp's own
+converters run when the user has a llama.cpp tree. Each target is written to a temporary path and
+renamed; `export all` writes every target it can and says which failed and why.
 """
 
 from __future__ import annotations
@@ -28,10 +27,6 @@ from .gguf import write_gguf, write_lora_gguf
 from .ollama import modelfile
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-# --------------------------------------------------------------------------------------------
-# Ollama
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,31 +13,20 @@ from transformers import TrainerCallback
 
 from ..core.errors import LorakitError
 from ..core.files import is_main_process, say
-from ..core.runfiles import METRICS
+from ..core.runfiles import METRICS, read_metrics
 
 LOSS_CURVE_FILE = "loss_curve.png"
 
 
 def metrics_rows(out: Path) -> list[dict]:
+    """The rows of OUT/metrics.jsonl for a resume: a damaged line is an error (the run directory
+    is damaged), except the last one, which a kill may have cut short."""
     path = out / METRICS
-    if not path.is_file():
-        return []
-    rows, lines = [], path.read_text(encoding="utf-8", errors="replace").splitlines()
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # a last line cut short by a kill: ignore it
-                continue
-            raise LorakitError(
-                f"{path}:{n}: not valid JSON ({e.msg}); the run directory is damaged"
-            ) from None
-        if not isinstance(row, dict):
-            raise LorakitError(f"{path}:{n}: expected a JSON object; the run directory is damaged")
-        rows.append(row)
-    return rows
+    found = read_metrics(path)
+    for number, why in found.damaged:
+        if number < found.lines:
+            raise LorakitError(f"{path}:{number}: {why}; the run directory is damaged")
+    return found.rows
 
 
 class MetricsLog(TrainerCallback):

@@ -23,11 +23,21 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.runfiles import ADAPTER_CONFIG, DATA_CHECK, EVAL, FAILURES, MANIFEST, METRICS, SETTINGS
+from ..core.runfiles import (  # noqa: F401 (Metrics, read_metrics: the dashboard reads them from here)
+    ADAPTER_CONFIG,
+    DATA_CHECK,
+    EVAL,
+    FAILURES,
+    MANIFEST,
+    METRICS,
+    SETTINGS,
+    Metrics,
+    read_metrics,
+)
 
 SWEEP = "sweep.json"
 MARKERS = (SETTINGS, MANIFEST, METRICS, ADAPTER_CONFIG)
@@ -47,41 +57,6 @@ KEY_SETTINGS = (
     "max_seq_length",
 )
 SUMMARY_STATUS = {"no steps": "failed"}
-
-
-@dataclass
-class Metrics:
-    rows: list[dict]
-    offset: int  # bytes read: the next read starts here (a half-written last line is left for it)
-    notes: list[str] = field(default_factory=list)
-
-
-def read_metrics(path: Path, offset: int = 0) -> Metrics:
-    """The complete lines of metrics.jsonl from byte `offset` on; damaged lines become notes."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except FileNotFoundError:
-        return Metrics([], offset)
-    except OSError as e:
-        return Metrics([], offset, [f"{path.name}: unreadable ({e.strerror})"])
-    end = data.rfind(b"\n") + 1
-    rows, notes, at = [], [], offset
-    for line in data[:end].split(b"\n"):
-        start, at = at, at + len(line) + 1
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            notes.append(f"{path.name}: the line at byte {start} is not valid JSON (skipped)")
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    if data[end:].strip():
-        notes.append(f"{path.name}: the last line is incomplete (being written, or cut short by a kill)")
-    return Metrics(rows, offset + end, notes)
 
 
 def _read_json(path: Path, notes: list[str]) -> Any:
