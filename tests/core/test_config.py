@@ -149,7 +149,9 @@ def test_cli_missing_dataset_exit_2_one_line(tmp_path):
 def test_guide_example_reproduces_the_guide():
     from pathlib import Path
 
-    cfg = resolve(TrainConfig, config_file=str(Path(__file__).parent.parent.parent / "examples" / "guide.yaml"))
+    cfg = resolve(
+        TrainConfig, config_file=str(Path(__file__).parent.parent.parent / "examples" / "guide.yaml")
+    )
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (64, 128, 0.05)
     assert (cfg.batch_size, cfg.gradient_accumulation_steps, cfg.learning_rate, cfg.num_epochs) == (
         4,
