@@ -2,6 +2,7 @@
 vLLM pre-checks, `export all`. Per-family GGUF: test_families.py; Ollama TEMPLATE: test_ollama_template.py."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,6 +261,19 @@ def test_vllm_rank_rounding_and_prechecks(tmp_path):
     (a / "adapter_config.json").write_text(json.dumps({"r": 8, "use_dora": True}))
     with pytest.raises(LorakitError, match="DoRA"):
         vllm_command(ExportConfig(adapter=str(a)), None)
+
+
+def test_vllm_serves_a_gguf_base_from_its_converted_checkpoint(tmp_path, smol_dir):
+    from lorakit.models.loading import embedded_gguf
+
+    a = tmp_path / "a"
+    a.mkdir()
+    for base in (str(embedded_gguf()), ""):  # a .gguf file, and the embedded default (a GGUF too)
+        (a / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": base}))
+        command = vllm_command(ExportConfig(adapter=str(a)), None)
+        served = command.split()[2]
+        assert not served.endswith(".gguf") and Path(served) == Path(smol_dir), command
+        assert (Path(served) / "config.json").is_file()
 
 
 def test_export_all(adapter, tmp_path, capsys):

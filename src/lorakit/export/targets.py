@@ -237,7 +237,11 @@ def vllm_command(cfg: ExportConfig, merged: Path | None) -> str:
     if lora_cfg.get("use_dora"):
         raise LorakitError("vLLM does not serve DoRA adapters: serve the merged model")
     rank = next(r for r in VLLM_LORA_RANKS if r >= lora_cfg["r"])
-    base = adapter.base_model or lora_cfg.get("base_model_name_or_path", "")
+    base = cfg.base_model or adapter.base_model or lora_cfg.get("base_model_name_or_path", "")
+    if not base or base.endswith(".gguf"):
+        # The LoRA was trained on the checkpoint lorakit rebuilt from the GGUF (the embedded default
+        # is one): vLLM serves it on that, not on the GGUF file (quantized, read by another loader).
+        base = adapter.resolve_base(base).path
     return (
         f"vllm serve {shlex.quote(base)} --port {cfg.port} --enable-lora --max-lora-rank {rank} "
         f"--lora-modules {shlex.quote(cfg.ollama_name)}={shlex.quote(str(Path(cfg.adapter).resolve()))}"
