@@ -100,14 +100,17 @@ def access_for(cfg, key: str) -> Access:
 LOCAL = Access()  # bound to 127.0.0.1, no other origin, no key
 
 
-def _refusal(status: int, message: str, code: str) -> tuple[dict, bytes]:
-    """serve's error shape (OpenAI's), so that clients show the message."""
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-    return {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json")],
-    }, (json.dumps(body).encode())
+def error_body(
+    message: str, code: str | None = None, kind: str = "invalid_request_error", param=None
+) -> dict:
+    """OpenAI's error shape, which its clients show: serve's errors and this module's refusals."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+async def _send_refusal(send, status: int, message: str, code: str) -> None:
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": json.dumps(error_body(message, code)).encode()})
 
 
 def _refuse(scope: dict, access: Access, allowed_origin: re.Pattern | None) -> tuple[int, str, str] | None:
@@ -164,9 +167,7 @@ def guarded(app, access: Access):
             return
         if scope["type"] == "http" and (why := _refuse(scope, access, allowed_origin)):
             await _drain(receive)
-            start, body = _refusal(*why)
-            await send(start)
-            await send({"type": "http.response.body", "body": body})
+            await _send_refusal(send, *why)
             return
         await app(scope, receive, send)
 

@@ -114,10 +114,10 @@ class PrefixCache:
 
     def _best(self, adapter: str, prompt: list[int]) -> tuple[tuple | None, int]:
         """The entry sharing the most leading tokens with `prompt`, and how many."""
-        best, shared = None, 0
+        best, shared, ids = None, 0, tuple(prompt)  # keys hold tuples: compare tuple with tuple
         for key in self.entries:
             if key[0] == adapter:
-                n = common_prefix(key[1], prompt)
+                n = common_prefix(key[1], ids)
                 if n > shared:
                     best, shared = key, n
         return best, shared

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from ..core.config import ServeConfig
 from ..core.errors import LorakitError
 from ..core.files import say
-from .access import LOCAL, Access, access_for, check_bind, configured_key, guarded, is_loopback
+from .access import LOCAL, Access, access_for, check_bind, configured_key, error_body, guarded, is_loopback
 from .decoding import Sampling
 from .engine import BASE, BatchEngine, Busy, Event, Job
 
@@ -83,7 +83,7 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.code, self.kind, self.param)
 
 
 class Engine:

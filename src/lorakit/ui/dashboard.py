@@ -455,8 +455,9 @@ def dashboard(cfg: DashboardConfig, ready: threading.Event | None = None) -> Non
     root = Path(cfg.runs_dir).expanduser()
     if not root.is_dir():
         raise LorakitError(f"--runs_dir {cfg.runs_dir}: no such directory (train a run into it first)")
+    given = configured_key(cfg)
     # No key given: a per-launch token, in the URL printed below (as Jupyter does).
-    api_key = configured_key(cfg) or ("" if cfg.insecure_no_key else secrets.token_urlsafe(24))
+    api_key = given or ("" if cfg.insecure_no_key else secrets.token_urlsafe(24))
     check_bind(cfg.host, api_key, cfg.insecure_no_key)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as serve: chat decodes on a shared CPU
     from ..inference.serve import listen, run_app, url_host
@@ -464,9 +465,12 @@ def dashboard(cfg: DashboardConfig, ready: threading.Event | None = None) -> Non
     board = Dashboard(cfg)
     sock = listen(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
-    token = "" if configured_key(cfg) or not api_key else f"?token={api_key}"
-    what = f"dashboard of {board.root}: open http://{url_host(host)}:{port}/{token}"
-    what += " (API key required)" if configured_key(cfg) else ""
-    what += "" if api_key else " (no token: --insecure_no_key)"
+    what = f"dashboard of {board.root}: open http://{url_host(host)}:{port}/"
+    if given:
+        what += " (API key required)"
+    elif api_key:
+        what += f"?token={api_key}"
+    else:
+        what += " (no token: --insecure_no_key)"
     app = build_dashboard_app(board, access_for(cfg, api_key))
     run_app(app, sock, what, bool(api_key), ready, board.chat.close)
